@@ -1,0 +1,3 @@
+from mmcompose.cli import main
+
+main()

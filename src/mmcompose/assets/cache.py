@@ -1,0 +1,46 @@
+"""The on-disk asset cache (``$MMCOMPOSE_CACHE`` or ``~/.cache/mmcompose``).
+
+Asset folders are written with :func:`mmcompose.fs.atomic_dir` and marked complete by a
+manifest written last.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmcompose.errors import MMComposeError
+from mmcompose.fs import atomic_dir, read_json, sha256_file, write_json_atomic
+
+__all__ = [
+    "CACHE_ENV",
+    "MANIFEST_NAME",
+    "MissingAssetError",
+    "atomic_dir",
+    "cache_dir",
+    "read_json",
+    "sha256_file",
+    "write_json_atomic",
+]
+
+CACHE_ENV = "MMCOMPOSE_CACHE"
+"""Environment variable that moves the cache (tests point it at a tmp folder)."""
+
+MANIFEST_NAME = "mmcompose_manifest.json"
+"""Written last inside a prepared asset folder; its presence marks the folder complete."""
+
+
+class MissingAssetError(MMComposeError):
+    """An offline asset (a pip package carrying weights, or a library to read them) is absent.
+
+    Defined here rather than in ``errors.py`` because only asset preparation raises it; it is an
+    ``MMComposeError`` so the CLI prints its pip hint without a traceback.
+    """
+
+
+def cache_dir() -> Path:
+    """``$MMCOMPOSE_CACHE`` if set (and non-empty), else ``~/.cache/mmcompose``; created on demand."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "mmcompose"
+    root.mkdir(parents=True, exist_ok=True)
+    return root

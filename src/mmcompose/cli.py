@@ -1,0 +1,172 @@
+"""The ``mmcompose`` command line: one plain function per command.
+
+Errors of mmcompose's own classes are printed as one message with a hint, no traceback,
+and exit code 2; an interrupt exits with 130.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mmcompose.errors import MMComposeError
+
+app = typer.Typer(
+    name="mmcompose",
+    help="Compose multimodal LLMs from single-modality models; align frozen unimodal models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (logs, CI) gets a wide console so tables are not cut.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+ModelDir = Annotated[Path, typer.Argument(help="A model folder written by mmcompose.")]
+
+
+@app.command()
+def inspect(
+    model_dir: ModelDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show a model's LLM, towers, LoRA adapters and parameter counts (reads no weights)."""
+    from mmcompose.inspect import describe
+
+    info = describe(model_dir)
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    llm = info["llm"]
+    out.print(f"[bold]{info['path']}[/]  ({info['num_tensors']} tensors, {info['dtype']})")
+    out.print(
+        f"LLM: {llm['model_type']}, hidden {llm['hidden_size']}, {llm['num_layers']} layers, "
+        f"vocab {llm['vocab_size']}, {_n(llm['params'])} parameters"
+    )
+    t = Table(
+        "modality",
+        "encoder",
+        "projector",
+        "prefix/suffix",
+        "encoder params",
+        "projector params",
+        title="Towers",
+    )
+    for tw in info["towers"]:
+        frozen = " (frozen)" if tw["frozen_encoder"] else ""
+        t.add_row(
+            tw["modality"],
+            tw["encoder"] + frozen,
+            tw["projector"],
+            f"{tw['prefix_tokens']}/{tw['suffix_tokens']}",
+            _n(tw["encoder_params"]),
+            _n(tw["projector_params"]),
+        )
+    out.print(t if info["towers"] else "Towers: none (text only)")
+    lora = info["lora"]
+    if lora:
+        a = Table(
+            "adapter",
+            "rank",
+            "alpha",
+            "used by",
+            "params",
+            title=f"LoRA ({lora['strategy']}) on {', '.join(lora['target_modules'])}",
+        )
+        for ad in lora["adapters"]:
+            a.add_row(
+                ad["name"],
+                str(ad["rank"]),
+                f"{ad['alpha']:g}",
+                ", ".join(ad["used_by"]) or "-",
+                _n(ad["params"]),
+            )
+        out.print(a)
+    else:
+        out.print("LoRA: none")
+    out.print(f"Total parameters: [bold]{_n(info['total_params'])}[/]")
+
+
+@app.command()
+def generate(
+    model_dir: ModelDir,
+    prompt: Annotated[
+        str, typer.Option(help="Text with placeholders <image> <audio> <video> <point>.")
+    ],
+    image: Annotated[
+        list[Path] | None, typer.Option(help="Image file; repeat for several.")
+    ] = None,
+    audio: Annotated[list[Path] | None, typer.Option(help="Audio file (wav, flac, ogg).")] = None,
+    video: Annotated[list[Path] | None, typer.Option(help="Video file (mp4, avi, ...).")] = None,
+    point: Annotated[
+        list[Path] | None, typer.Option(help="Point cloud (.npy .ply .off .obj).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: int = 0,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the LLM's chat template.")] = True,
+    device: str = "cpu",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print text and token ids as JSON.")
+    ] = False,
+) -> None:
+    """Generate text from a prompt and modality inputs."""
+    import torch
+
+    from mmcompose.model import MMComposeForCausalLM, MMProcessor
+
+    torch.manual_seed(seed)
+    processor = MMProcessor.from_pretrained(model_dir)
+    inputs = {"image": image, "audio": audio, "video": video, "point": point}
+    batch = processor(prompt, {m: v for m, v in inputs.items() if v}, chat=chat)
+    model = MMComposeForCausalLM.from_pretrained(model_dir, device=device)
+    eos = [i for i in {processor.tokenizer.eos_token_id, *model._default_eos()} if i is not None]
+    ids = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature or 1.0,
+        top_p=top_p,
+        eos_token_id=eos,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        seed=seed,
+    )
+    pad = processor.tokenizer.pad_token_id
+    tokens = [t for t in ids[0].tolist() if t != pad]
+    text = processor.decode(tokens).strip()
+    if as_json:
+        out.print_json(json.dumps({"text": text, "tokens": tokens}))
+    else:
+        out.print(text, markup=False, highlight=False)
+
+
+def _n(x: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= div:
+            return f"{x / div:.2f}{unit}"
+    return str(x)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv)
+    except MMComposeError as e:
+        err.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False)
+        if e.hint:
+            err.print(f"[yellow]hint:[/] {escape(e.hint)}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

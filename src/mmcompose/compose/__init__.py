@@ -1,0 +1,1 @@
+"""Model composition: merge methods (``compose.methods``) as pure tensor functions by name."""

@@ -1,0 +1,95 @@
+"""Describe a model folder from config.json and the safetensors headers, without loading
+weights (fast even for multi-GB checkpoints)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from math import prod
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from mmcompose.io import weight_files
+from mmcompose.model.config import MMConfig
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    config = MMConfig.from_dir(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, f in weight_files(path).items():
+        by_file[f].append(name)
+    for f, names in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            for n in names:
+                shapes[n] = tuple(h.get_slice(n).get_shape())
+    counts: dict[str, int] = defaultdict(int)
+    for name, shape in shapes.items():
+        counts[_group(name)] += prod(shape)
+    text = config.text_config
+    towers = [
+        {
+            "modality": t.modality,
+            "encoder": t.encoder.name,
+            "projector": t.projector.name,
+            "prefix_tokens": t.num_prefix,
+            "suffix_tokens": t.num_suffix,
+            "frozen_encoder": t.freeze_encoder,
+            "encoder_params": counts.get(f"towers.{t.modality}.encoder", 0),
+            "projector_params": counts.get(f"towers.{t.modality}.projector", 0)
+            + counts.get(f"towers.{t.modality}.tokens", 0),
+        }
+        for t in config.towers
+    ]
+    adapters = []
+    if config.lora:
+        for name, spec in config.lora.adapters.items():
+            adapters.append(
+                {
+                    "name": name,
+                    "rank": spec.rank,
+                    "alpha": spec.alpha,
+                    "used_by": _users(config, name),
+                    "params": counts.get(f"lora.{name}", 0),
+                }
+            )
+    return {
+        "path": str(Path(path).absolute()),
+        "llm": {
+            "model_type": text.get("model_type"),
+            "hidden_size": text.get("hidden_size"),
+            "num_layers": text.get("num_hidden_layers"),
+            "vocab_size": text.get("vocab_size"),
+            "params": counts.get("language_model", 0),
+        },
+        "dtype": config.dtype,
+        "lora": None
+        if config.lora is None
+        else {
+            "strategy": config.lora.strategy,
+            "target_modules": list(config.lora.target_modules),
+            "adapters": adapters,
+        },
+        "towers": towers,
+        "total_params": sum(counts.values()),
+        "num_tensors": len(shapes),
+    }
+
+
+def _group(name: str) -> str:
+    if name.startswith("towers."):
+        parts = name.split(".")
+        return (
+            ".".join(parts[:3])
+            if parts[2] in ("encoder", "projector")
+            else f"towers.{parts[1]}.tokens"
+        )
+    if ".lora." in name:
+        return "lora." + name.split(".lora.")[1].split(".")[0]
+    return "language_model"
+
+
+def _users(config: MMConfig, adapter: str) -> list[str]:
+    kinds = ["text", *config.modalities]
+    return [k for k in kinds if config.lora and config.lora.adapter_for(k) == adapter]

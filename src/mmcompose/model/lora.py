@@ -1,0 +1,159 @@
+"""LoRA with per-token routing.
+
+Every adapted linear shares one :class:`TokenRouter`. Before a forward pass the model tells
+the router which adapter each token uses; the router turns that into index lists once, and
+every :class:`LoRALinear` then applies each adapter to its own tokens only (gather, low-rank
+product, scatter-add). Nothing is computed over all tokens and then masked, so the cost of
+decoupled adapters (DAMC) does not grow with the number of modalities. Because the MLP is
+position-wise, routing gate/up/down per token gives each token its own adapter's whole MLP
+path, exactly as the masked reference computes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Route ids carried per token: 0 = text (and padding), i + 1 = MODALITIES[i].
+TEXT_ROUTE = 0
+
+
+class TokenRouter:
+    """Shared, per-forward routing state: which token rows each adapter applies to."""
+
+    def __init__(self, route_to_adapter: dict[int, str | None]) -> None:
+        self.route_to_adapter = dict(route_to_adapter)
+        self.routes: Tensor | None = None
+        self.groups: list[tuple[str, Tensor | None]] = self._default_groups()
+
+    def _default_groups(self) -> list[tuple[str, Tensor | None]]:
+        name = self.route_to_adapter.get(TEXT_ROUTE)
+        return [(name, None)] if name is not None else []
+
+    def set_routes(self, routes: Tensor | None) -> None:
+        """``routes``: (B, T) route ids, or None when every token is text (decoding)."""
+        self.routes = routes
+        if routes is None:
+            self.groups = self._default_groups()
+            return
+        flat = routes.reshape(-1)
+        by_adapter: dict[str, list[int]] = {}
+        for rid in torch.unique(flat).tolist():
+            name = self.route_to_adapter.get(rid)
+            if name is not None:
+                by_adapter.setdefault(name, []).append(rid)
+        groups: list[tuple[str, Tensor | None]] = []
+        for name, rids in by_adapter.items():
+            mask = torch.isin(flat, torch.tensor(rids, device=flat.device))
+            idx = mask.nonzero().squeeze(1)
+            groups.append((name, None if idx.numel() == flat.numel() else idx))
+        self.groups = groups
+
+    @contextlib.contextmanager
+    def routing(self, routes: Tensor | None) -> Iterator[None]:
+        self.set_routes(routes)
+        try:
+            yield
+        finally:
+            self.set_routes(None)
+
+
+class LoRAAdapter(nn.Module):
+    """delta(x) = scaling * B(A(dropout(x))). A: (r, in), B: (out, r), B zero-initialised."""
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        return F.linear(h, self.lora_B.to(x.dtype)) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        """The dense update dW = scaling * B @ A, shape (out, in)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+
+class LoRALinear(nn.Linear):
+    """An ``nn.Linear`` (same ``weight``/``bias`` names) with routed LoRA adapters."""
+
+    def __init__(self, base: nn.Linear, router: TokenRouter) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora = nn.ModuleDict()
+        self.router = router
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        self.lora[name] = LoRAAdapter(self.in_features, self.out_features, rank, alpha, dropout)
+        self.lora[name].to(device=self.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.lora:
+            return y
+        for name, idx in self.router.groups:
+            if name not in self.lora:
+                continue
+            adapter = self.lora[name]
+            if idx is None:
+                y = y + adapter(x)
+            else:
+                flat_x = x.reshape(-1, self.in_features)
+                flat_y = y.reshape(-1, self.out_features)
+                delta = adapter(flat_x.index_select(0, idx))
+                y = flat_y.index_add(0, idx, delta.to(flat_y.dtype)).view_as(y)
+        return y
+
+    @torch.no_grad()
+    def merge_adapter(self, name: str) -> None:
+        """Fold an adapter into the base weight (used when no token needs W0 any more)."""
+        adapter = self.lora.pop(name)
+        self.weight += adapter.delta_weight().to(self.weight.dtype)
+
+
+def inject_lora(
+    llm: nn.Module,
+    router: TokenRouter,
+    target_modules: Sequence[str],
+    adapters: dict[str, tuple[int, float]],
+    dropout: float = 0.0,
+) -> list[str]:
+    """Replace the targeted ``nn.Linear`` layers of ``llm`` by routed LoRA layers.
+
+    Returns the qualified names of the replaced modules. ``adapters`` maps name -> (rank, alpha).
+    """
+    targets = set(target_modules)
+    replaced: list[str] = []
+    for qname, module in list(llm.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, LoRALinear):
+            continue
+        leaf = qname.rsplit(".", 1)[-1]
+        if leaf not in targets:
+            continue
+        parent = llm.get_submodule(qname.rsplit(".", 1)[0]) if "." in qname else llm
+        layer = LoRALinear(module, router)
+        for name, (rank, alpha) in adapters.items():
+            layer.add_adapter(name, rank, alpha, dropout)
+        setattr(parent, leaf, layer)
+        replaced.append(qname)
+    return replaced
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield name, m

@@ -1,0 +1,350 @@
+"""The composed multimodal LLM: one causal LM, modality towers, routed LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+
+from mmcompose.errors import CheckpointError, ConfigError
+from mmcompose.io import dedupe_shared, load_state_dict, save_state_dict
+from mmcompose.model.config import CONFIG_NAME, TEXT_ADAPTER, LoRAConfig, MMConfig, TowerConfig
+from mmcompose.model.lora import TokenRouter, inject_lora, lora_layers
+from mmcompose.model.splice import IGNORE_INDEX, ROUTE_IDS, Spliced, splice
+from mmcompose.model.towers import Tower
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MMOutput:
+    loss: Tensor | None
+    logits: Tensor | None  # (B, T', V), or (n_label_tokens, V) when computed for the loss only
+    spliced: Spliced
+
+
+def build_llm(text_config: Mapping, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    cfg = AutoConfig.for_model(**dict(text_config))
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+class MMComposeForCausalLM(nn.Module):
+    """LLM + towers. ``forward`` trains, ``generate`` decodes with a KV cache.
+
+    Parameter names: ``language_model.*`` are the LLM's own Hugging Face names (LoRA adds
+    ``<linear>.lora.<adapter>.lora_A/B``), ``towers.<modality>.{encoder,projector,prefix,suffix}``.
+    """
+
+    def __init__(self, config: MMConfig, language_model: PreTrainedModel | None = None) -> None:
+        super().__init__()
+        self.config = config
+        dtype = DTYPES.get(config.dtype)
+        if dtype is None:
+            raise ConfigError(
+                f"unsupported dtype {config.dtype!r}", hint=f"use {', '.join(DTYPES)}"
+            )
+        self.language_model = language_model or build_llm(config.text_config, dtype)
+        hidden = self.language_model.config.hidden_size
+        self.towers = nn.ModuleDict({t.modality: Tower(t, hidden) for t in config.towers})
+        lora = config.lora
+        self.router = TokenRouter(
+            {rid: (lora.adapter_for(kind) if lora else None) for kind, rid in ROUTE_IDS.items()}
+        )
+        if lora is not None:
+            adapters = {n: (a.rank, a.alpha) for n, a in lora.adapters.items()}
+            replaced = inject_lora(
+                self.language_model, self.router, lora.target_modules, adapters, lora.dropout
+            )
+            if not replaced:
+                raise ConfigError(
+                    f"no linear layer of the LLM matches target_modules {list(lora.target_modules)}"
+                )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.get_input_embeddings().weight.device
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers)
+
+    # ------------------------------------------------------------------ forward
+    def embed_modalities(
+        self,
+        modal_inputs: Mapping[str, Tensor] | None = None,
+        modal_features: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Blocks (n, L, d) per modality, from raw inputs or from cached encoder features."""
+        blocks: dict[str, Tensor] = {}
+        for source, fn in ((modal_inputs, "encode"), (modal_features, None)):
+            for m, x in (source or {}).items():
+                if m not in self.towers:
+                    raise ConfigError(
+                        f"this model has no {m!r} tower",
+                        hint=f"its modalities are: {', '.join(self.towers) or '(none)'}",
+                    )
+                if m in blocks:
+                    raise ConfigError(f"{m!r} given both as inputs and as features")
+                tower: Tower = self.towers[m]
+                x = x.to(self.device)
+                feats = tower.encode(x) if fn else x
+                blocks[m] = tower.project(feats)
+        return blocks
+
+    def prepare_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        modal_inputs: Mapping[str, Tensor] | None = None,
+        modal_features: Mapping[str, Tensor] | None = None,
+        labels: Tensor | None = None,
+        padding_side: Literal["left", "right"] = "right",
+    ) -> Spliced:
+        blocks = self.embed_modalities(modal_inputs, modal_features)
+        embed = self.language_model.get_input_embeddings()
+        return splice(
+            input_ids.to(self.device),
+            attention_mask.to(self.device) if attention_mask is not None else None,
+            embed,
+            blocks,
+            labels.to(self.device) if labels is not None else None,
+            padding_side,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        modal_inputs: Mapping[str, Tensor] | None = None,
+        modal_features: Mapping[str, Tensor] | None = None,
+        labels: Tensor | None = None,
+        padding_side: Literal["left", "right"] = "right",
+    ) -> MMOutput:
+        """With ``labels``, the LM head runs only on positions that carry a label."""
+        sp = self.prepare_inputs(
+            input_ids, attention_mask, modal_inputs, modal_features, labels, padding_side
+        )
+        hidden = self._decode(sp.embeds, sp.attention_mask, sp.position_ids, sp.routes)
+        head = self.language_model.get_output_embeddings()
+        if sp.labels is None:
+            return MMOutput(None, head(hidden), sp)
+        target = sp.labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        logits = head(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), target[keep]) if keep.any() else hidden.sum() * 0
+        return MMOutput(loss, logits, sp)
+
+    def _decode(
+        self,
+        embeds: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        routes: Tensor | None,
+        cache: DynamicCache | None = None,
+    ) -> Tensor:
+        decoder = self.language_model.get_decoder()
+        with self.router.routing(routes):
+            out = decoder(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        return out.last_hidden_state
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        modal_inputs: Mapping[str, Tensor] | None = None,
+        modal_features: Mapping[str, Tensor] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Decode up to ``max_new_tokens`` per sample; returns only the new tokens (B, n),
+        padded with ``pad_token_id`` after a sample's end of sequence. New tokens are text."""
+        sp = self.prepare_inputs(
+            input_ids, attention_mask, modal_inputs, modal_features, padding_side="left"
+        )
+        eos = _as_list(eos_token_id if eos_token_id is not None else self._default_eos())
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else 0)
+        cache = DynamicCache(config=self.language_model.config)
+        head = self.language_model.get_output_embeddings()
+        embed = self.language_model.get_input_embeddings()
+        mask, pos = sp.attention_mask, sp.position_ids[:, -1:]
+        hidden = self._decode(sp.embeds, mask, sp.position_ids, sp.routes, cache)
+        bsz = mask.shape[0]
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        eos_t = torch.tensor(eos, dtype=torch.long, device=self.device)
+        out: list[Tensor] = []
+        for step in range(max_new_tokens):
+            logits = head(hidden[:, -1]).float()
+            tok = _pick(logits, do_sample, temperature, top_k, top_p, gen)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            out.append(tok)
+            done |= torch.isin(tok, eos_t)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
+            pos = pos + 1
+            feed = torch.where(done, torch.zeros_like(tok), tok)  # finished rows: any valid id
+            hidden = self._decode(embed(feed[:, None]), mask, pos, None, cache)
+        if not out:
+            return torch.empty(bsz, 0, dtype=torch.long, device=self.device)
+        return torch.stack(out, dim=1)
+
+    def _default_eos(self) -> list[int]:
+        return _as_list(getattr(self.language_model.config, "eos_token_id", None))
+
+    # ------------------------------------------------------------------ adapters
+    def lora_adapters(self) -> list[str]:
+        return list(self.config.lora.adapters) if self.config.lora else []
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by part (LLM base, each adapter, each tower), counted once if tied."""
+        counts: dict[str, int] = {}
+        seen: set[int] = set()
+        for name, p in self.named_parameters(remove_duplicate=True):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            counts[_part(name)] = counts.get(_part(name), 0) + p.numel()
+        return counts
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(
+        self,
+        path: str | Path,
+        processor: object | None = None,
+        max_shard_size: int | str = "2GB",
+        overwrite: bool = False,
+    ) -> Path:
+        """Write config.json, safetensors (sharded with an index above ``max_shard_size``),
+        and the processor (tokenizer + processor_config.json), atomically."""
+        from mmcompose.fs import atomic_dir
+
+        path = Path(path)
+        state, _ = dedupe_shared(self.state_dict())
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            (tmp / CONFIG_NAME).write_text(self.config.to_json())
+            save_state_dict(state, tmp, max_shard_size, metadata={"mmcompose": "1"})
+            if processor is not None:
+                processor.save_pretrained(tmp)  # type: ignore[attr-defined]
+        return path
+
+    @classmethod
+    def from_base_llm(
+        cls,
+        llm_dir: str | Path,
+        towers: Sequence[TowerConfig] = (),
+        lora: LoRAConfig | None = None,
+        dtype: str = "float32",
+    ) -> MMComposeForCausalLM:
+        """A new composed model around a plain Hugging Face causal LM folder (its weights
+        are loaded; towers and adapters are freshly initialised)."""
+        llm_dir = Path(llm_dir)
+        if not (llm_dir / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{llm_dir} has no {CONFIG_NAME}", hint="pass a Hugging Face LLM folder")
+        llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=DTYPES[dtype])
+        text_config = llm.config.to_dict()
+        config = MMConfig(text_config=text_config, towers=list(towers), lora=lora, dtype=dtype)
+        return cls(config, language_model=llm)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None
+    ) -> MMComposeForCausalLM:
+        config = MMConfig.from_dir(path)
+        if dtype is not None:
+            config = config.model_copy(update={"dtype": dtype})
+        model = cls(config)
+        model.load_weights(load_state_dict(path))
+        return model.to(device).eval()
+
+    def load_weights(self, state: Mapping[str, Tensor]) -> None:
+        """Load a full state dict strictly; only aliases of tied weights may be absent."""
+        _, aliases = dedupe_shared(self.state_dict())
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k not in aliases]
+        if missing or result.unexpected_keys:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+            if result.unexpected_keys:
+                parts.append(
+                    f"{len(result.unexpected_keys)} unexpected, e.g. {result.unexpected_keys[:3]}"
+                )
+            raise CheckpointError(
+                "the weights do not match config.json: " + "; ".join(parts),
+                hint="the folder was written by another version or edited by hand",
+            )
+        if getattr(self.language_model.config, "tie_word_embeddings", False):
+            self.language_model.tie_weights()
+
+
+def _part(name: str) -> str:
+    if name.startswith("towers."):
+        return (
+            ".".join(name.split(".")[:3])
+            if ".encoder." in name or ".projector." in name
+            else (".".join(name.split(".")[:2]) + ".tokens")
+        )
+    if ".lora." in name:
+        return f"lora.{name.split('.lora.')[1].split('.')[0]}"
+    return "language_model"
+
+
+def _as_list(x: int | Sequence[int] | None) -> list[int]:
+    if x is None:
+        return []
+    return [int(x)] if isinstance(x, int) else [int(v) for v in x]
+
+
+def _pick(
+    logits: Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    gen: torch.Generator,
+) -> Tensor:
+    if not do_sample or temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+
+
+def read_config_json(path: str | Path) -> dict:
+    return json.loads((Path(path) / CONFIG_NAME).read_text())
+
+
+__all__ = ["TEXT_ADAPTER", "MMComposeForCausalLM", "MMOutput", "build_llm", "lora_layers"]

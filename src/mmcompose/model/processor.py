@@ -1,0 +1,205 @@
+"""Text with placeholders + modality inputs -> model inputs.
+
+The text is split on placeholders and each piece tokenised on its own; a placeholder becomes
+its modality's negative sentinel id (see :mod:`mmcompose.model.splice`), so the base LLM's
+tokenizer and vocabulary are used unchanged. Each input may be a file path or an object
+already loaded (PIL image, waveform array at the encoder's sample rate, frame array, points).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from mmcompose.errors import CheckpointError, PlaceholderError
+from mmcompose.modalities import MODALITIES, canonical_modality
+from mmcompose.model.config import MMConfig, ModuleSpec
+from mmcompose.model.encoders import ENCODERS, encoder_params
+from mmcompose.model.splice import SENTINELS
+
+PROCESSOR_CONFIG = "processor_config.json"
+PLACEHOLDER_RE = re.compile("(" + "|".join(f"<{m}>" for m in MODALITIES) + ")")
+FALLBACK_TEMPLATE = "USER: {prompt} ASSISTANT:"
+
+
+class MMProcessor:
+    """Tokenises prompts with placeholders and preprocesses each modality's inputs."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        encoders: Mapping[str, ModuleSpec],
+        use_chat_template: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.encoders = {canonical_modality(m): s for m, s in encoders.items()}
+        self.use_chat_template = use_chat_template
+        self._special_prefix = _special_prefix(tokenizer)
+
+    @classmethod
+    def from_config(cls, config: MMConfig, tokenizer: PreTrainedTokenizerBase) -> MMProcessor:
+        return cls(tokenizer, {t.modality: t.encoder for t in config.towers})
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+    # ------------------------------------------------------------------ text
+    def format_prompt(self, prompt: str, system: str | None = None) -> str:
+        """Wrap a user turn in the base LLM's own chat template (or a plain fallback)."""
+        tok = self.tokenizer
+        if not self.use_chat_template:
+            return prompt
+        if getattr(tok, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return FALLBACK_TEMPLATE.format(prompt=prompt)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids with one sentinel per placeholder."""
+        ids: list[int] = []
+        for piece in PLACEHOLDER_RE.split(text):
+            if not piece:
+                continue
+            m = PLACEHOLDER_RE.fullmatch(piece)
+            if m:
+                ids.append(SENTINELS[piece[1:-1]])
+            else:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        prefix = self._special_prefix
+        if add_special_tokens and prefix and ids[: len(prefix)] != prefix:
+            ids = prefix + ids
+        return ids
+
+    def decode(self, ids: Tensor | Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        return self.tokenizer.decode(
+            [i for i in ids if i >= 0], skip_special_tokens=skip_special_tokens
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def preprocess(self, modality: str, items: Sequence[Any]) -> Tensor:
+        """Load (if a path) and preprocess each input of one modality into a batch tensor."""
+        modality = canonical_modality(modality)
+        spec = self._spec(modality)
+        cls, params = ENCODERS.get(spec.name), encoder_params(spec)
+        out = []
+        for item in items:
+            if isinstance(item, str | Path):
+                item = cls.load(item, params)
+            out.append(cls.preprocess(item, params))
+        return torch.stack(out)
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        inputs: Mapping[str, Sequence[Any]] | None = None,
+        *,
+        chat: bool = True,
+        padding_side: Literal["left", "right"] = "left",
+    ) -> dict[str, Any]:
+        """Batch of prompts -> ``input_ids``, ``attention_mask``, ``modal_inputs``.
+
+        ``inputs`` maps a modality to its items for the whole batch, in order of appearance.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        given = {canonical_modality(m): list(v) for m, v in (inputs or {}).items() if v}
+        if chat:
+            texts = [self.format_prompt(t) for t in texts]
+        seqs = [self.tokenize(t) for t in texts]
+        self._check_counts(seqs, given)
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            sl = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
+            ids[b, sl] = torch.tensor(s, dtype=torch.long)
+            mask[b, sl] = 1
+        modal = {m: self.preprocess(m, items) for m, items in given.items()}
+        return {"input_ids": ids, "attention_mask": mask, "modal_inputs": modal}
+
+    def _spec(self, modality: str) -> ModuleSpec:
+        if modality not in self.encoders:
+            raise PlaceholderError(
+                f"this model takes no {modality} input",
+                hint=f"its modalities are: {', '.join(self.encoders) or '(none, text only)'}",
+            )
+        return self.encoders[modality]
+
+    def _check_counts(self, seqs: list[list[int]], given: dict[str, list[Any]]) -> None:
+        for m in MODALITIES:
+            n_ph = sum(s.count(SENTINELS[m]) for s in seqs)
+            n_in = len(given.get(m, []))
+            if n_ph or n_in:
+                self._spec(m)
+            if n_ph != n_in:
+                raise PlaceholderError(
+                    f"the prompt holds {n_ph} <{m}> placeholder(s) but {n_in} {m} input(s) "
+                    "were given",
+                    hint=f"put one <{m}> in the prompt for each {m} input"
+                    + (" (or pass the input)" if n_ph > n_in else ""),
+                )
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.tokenizer.save_pretrained(path)
+        cfg = {
+            "processor_class": "MMProcessor",
+            "use_chat_template": self.use_chat_template,
+            "encoders": {m: s.model_dump(mode="json") for m, s in self.encoders.items()},
+        }
+        (path / PROCESSOR_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> MMProcessor:
+        path = Path(path)
+        try:
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot load a tokenizer from {path}: {e}",
+                hint="save the model with its processor (save_pretrained(path, processor=...))",
+            ) from None
+        pc = path / PROCESSOR_CONFIG
+        if pc.is_file():
+            data = json.loads(pc.read_text())
+            encoders = {m: ModuleSpec(**s) for m, s in data.get("encoders", {}).items()}
+            return cls(tokenizer, encoders, data.get("use_chat_template", True))
+        return cls.from_config(MMConfig.from_dir(path), tokenizer)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers warns that config.json's model_type is not a tokenizer's; it is ours."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before text (e.g. BOS), found empirically."""
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return list(full[:i])
+    return []

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random composed models, saved once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A decoupled (DAMC-style) tiny model with all four towers, saved to disk."""
+    from mmcompose.testing import build_tiny_model
+
+    model, proc = build_tiny_model(strategy="decoupled", seed=0)
+    path = tmp_path_factory.mktemp("models") / "tiny-decoupled"
+    model.save_pretrained(path, processor=proc)
+    return path
+
+
+@pytest.fixture(scope="session")
+def media_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One real file per modality (PNG, WAV, MP4, PLY), written with the usual libraries."""
+    import av
+    import numpy as np
+    import soundfile as sf
+    import trimesh
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    files = {
+        "image": d / "img.png",
+        "audio": d / "tone.wav",
+        "video": d / "clip.mp4",
+        "point": d / "shape.ply",
+    }
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(files["image"])
+    t = np.arange(22050) / 22050
+    sf.write(files["audio"], (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 22050)
+    with av.open(str(files["video"]), "w") as c:
+        s = c.add_stream("mpeg4", rate=8)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        for i in range(12):
+            frame = np.full((32, 32, 3), i * 20, dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    trimesh.creation.icosphere(subdivisions=3).export(files["point"])
+    return files

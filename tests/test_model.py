@@ -1,0 +1,383 @@
+"""The composed model: splicing, routed LoRA, generation, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from mmcompose.errors import CheckpointError, ConfigError, PlaceholderError, UnknownNameError
+from mmcompose.model import MMComposeForCausalLM, MMConfig, MMProcessor, ModuleSpec, TowerConfig
+from mmcompose.model.lora import LoRAAdapter, LoRALinear, lora_layers
+from mmcompose.model.splice import IGNORE_INDEX, ROUTE_IDS, SENTINELS
+from mmcompose.testing import build_tiny_model, tiny_inputs
+
+PROMPTS = [
+    "Look: <image> and <audio>. What do they share?",
+    "Only text here, no inputs at all.",
+    "<point> then <video> and another <image>",
+]
+
+
+def batch_for(proc: MMProcessor, prompts=PROMPTS, seed=0, **kw):
+    raw = tiny_inputs(seed)
+    inputs: dict[str, list] = {m: [] for m in raw}
+    for p in prompts:
+        for m in ("image", "audio", "video", "point"):
+            inputs[m] += [raw[m]] * p.count(f"<{m}>")
+    return proc(prompts, inputs, **kw)
+
+
+@pytest.fixture(scope="module")
+def decoupled():
+    return build_tiny_model(strategy="decoupled", seed=1)
+
+
+def test_splice_places_blocks_in_order_with_ignored_labels(decoupled):
+    model, proc = decoupled
+    batch = batch_for(proc, padding_side="right")
+    labels = batch["input_ids"].clone().masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    sp = model.prepare_inputs(
+        batch["input_ids"], batch["attention_mask"], batch["modal_inputs"], labels=labels
+    )
+    # Sample 0: text, image block, text, audio block, text.
+    blocks = model.embed_modalities(batch["modal_inputs"])
+    r0 = sp.routes[0][sp.attention_mask[0].bool()].tolist()
+    kinds = [k for i, k in enumerate(r0) if i == 0 or r0[i - 1] != k]
+    assert kinds == [0, ROUTE_IDS["image"], 0, ROUTE_IDS["audio"], 0]
+    start = r0.index(ROUTE_IDS["image"])
+    n_img = blocks["image"].shape[1]
+    assert torch.equal(sp.embeds[0, start : start + n_img], blocks["image"][0])
+    # Sample 2 takes the *second* image block and the only point/video blocks.
+    r2 = sp.routes[2].tolist()
+    s2 = r2.index(ROUTE_IDS["image"])
+    assert torch.equal(sp.embeds[2, s2 : s2 + n_img], blocks["image"][1])
+    assert [k for i, k in enumerate(r2) if i == 0 or r2[i - 1] != k][:4] == [
+        0,
+        ROUTE_IDS["point"],
+        0,
+        ROUTE_IDS["video"],
+    ]
+    # Labels: -100 over every block and over padding, token ids elsewhere.
+    assert (sp.labels[sp.routes != 0] == IGNORE_INDEX).all()
+    assert (sp.labels[sp.attention_mask == 0] == IGNORE_INDEX).all()
+    text_ids = batch["input_ids"][0][batch["input_ids"][0] >= 0]
+    assert torch.equal(sp.labels[0][sp.routes[0] == 0][: len(text_ids)], text_ids)
+    # The text-only sample is right-padded and has no blocks.
+    assert (sp.routes[1] == 0).all() and sp.attention_mask[1, 0] == 1
+
+
+def test_left_padding_and_positions(decoupled):
+    model, proc = decoupled
+    batch = batch_for(proc, padding_side="left")
+    sp = model.prepare_inputs(
+        batch["input_ids"], batch["attention_mask"], batch["modal_inputs"], padding_side="left"
+    )
+    assert (sp.attention_mask[:, -1] == 1).all()
+    for b in range(3):
+        n = int(sp.attention_mask[b].sum())
+        assert torch.equal(sp.position_ids[b, -n:], torch.arange(n))
+
+
+@pytest.mark.parametrize(
+    ("prompts", "inputs", "match"),
+    [
+        (["<image> <image>"], {"image": 1}, "2 <image> placeholder"),
+        (["no placeholder"], {"audio": 1}, "0 <audio> placeholder"),
+    ],
+)
+def test_placeholder_mismatch(decoupled, prompts, inputs, match):
+    _, proc = decoupled
+    raw = tiny_inputs()
+    with pytest.raises(PlaceholderError, match=match):
+        proc(prompts, {m: [raw[m]] * n for m, n in inputs.items()})
+
+
+def test_missing_modality_is_named():
+    model, proc = build_tiny_model(modalities=("image",), strategy="shared")
+    with pytest.raises(PlaceholderError, match="no audio input") as e:
+        proc(["<audio>"], {"audio": [tiny_inputs()["audio"]]})
+    assert "image" in e.value.hint
+    ids = torch.tensor([[5, SENTINELS["audio"], 6]])
+    with pytest.raises(ConfigError, match="no 'audio' tower"):
+        model(ids, modal_inputs={"audio": torch.zeros(1, 80, 200)})
+
+
+def test_splice_checks_counts_in_model(decoupled):
+    model, _ = decoupled
+    ids = torch.tensor([[5, SENTINELS["image"], 6, SENTINELS["image"]]])
+    with pytest.raises(PlaceholderError, match="2 <image>"):
+        model(ids, modal_inputs={"image": torch.zeros(1, 3, 32, 32)})
+
+
+# ---------------------------------------------------------------- routing vs masked reference
+def _masked_linear_forward(self: LoRALinear, x):
+    """Reference (as ModelCompose does it): every adapter over every token, then masked."""
+    y = F.linear(x, self.weight, self.bias)
+    routes = self.router.routes
+    for rid, name in self.router.route_to_adapter.items():
+        if name is None or name not in self.lora:
+            continue
+        mask = torch.ones(x.shape[:-1]) if routes is None else (routes == rid).to(x.dtype)
+        if routes is None and rid != 0:
+            continue
+        y = y + self.lora[name](x) * mask.unsqueeze(-1)
+    return y
+
+
+def _masked_mlp_forward(self: LlamaMLP, x):
+    """Reference DAMC MLP: the whole gate/up/down path per adapter over all tokens, masked."""
+    router = self.gate_proj.router
+    routes = (
+        router.routes if router.routes is not None else torch.zeros(x.shape[:-1], dtype=torch.long)
+    )
+    out = torch.zeros_like(x)
+
+    def lin(layer: LoRALinear, h, name):
+        y = F.linear(h, layer.weight, layer.bias)
+        return y + layer.lora[name](h) if name is not None else y
+
+    for rid, name in router.route_to_adapter.items():
+        mask = (routes == rid).to(x.dtype).unsqueeze(-1)
+        if not mask.any():
+            continue
+        h = self.act_fn(lin(self.gate_proj, x, name)) * lin(self.up_proj, x, name)
+        out = out + lin(self.down_proj, h, name) * mask
+    return out
+
+
+def test_decoupled_routing_matches_masked_reference(decoupled, monkeypatch):
+    model, proc = decoupled
+    batch = batch_for(proc, padding_side="left")
+    kw = dict(padding_side="left")
+
+    seen: dict[str, list[int]] = {}
+    hooks = []
+    for lname, layer in lora_layers(model):
+        for aname, adapter in layer.lora.items():
+            key = f"{lname}:{aname}"
+
+            def hook(mod, args, out, key=key):
+                seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+
+            hooks.append(adapter.register_forward_hook(hook))
+    with torch.no_grad():
+        routed = model(**batch, **kw).logits
+        routes = model.prepare_inputs(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "modal_inputs")}, **kw
+        ).routes
+    for h in hooks:
+        h.remove()
+
+    # Each adapter ran exactly once per layer call, on exactly its own tokens.
+    expected = {
+        name: int((routes == ROUTE_IDS[name]).sum())
+        for name in ("image", "audio", "video", "point")
+    }
+    expected["text"] = int((routes == 0).sum())
+    n_layers = len(list(lora_layers(model)))
+    assert len(seen) == n_layers * 5
+    for key, counts in seen.items():
+        assert counts == [expected[key.split(":")[1]]], key
+    assert sum(expected.values()) == routes.numel()
+
+    monkeypatch.setattr(LoRALinear, "forward", _masked_linear_forward)
+    with torch.no_grad():
+        ref_linear = model(**batch, **kw).logits
+    monkeypatch.setattr(LlamaMLP, "forward", _masked_mlp_forward)
+    with torch.no_grad():
+        ref_mlp = model(**batch, **kw).logits
+    torch.testing.assert_close(routed, ref_linear, atol=1e-5, rtol=0)
+    torch.testing.assert_close(routed, ref_mlp, atol=1e-5, rtol=0)
+    # And the adapters matter: without them the logits differ.
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.router.route_to_adapter = {}
+        monkeypatch.undo()
+        plain = model(**batch, **kw).logits
+        model.router.route_to_adapter = {
+            rid: model.config.lora.adapter_for(k) for k, rid in ROUTE_IDS.items()
+        }
+    assert (plain - routed).abs().max() > 1e-3
+
+
+def test_shared_lora_equals_merged_weights():
+    model, proc = build_tiny_model(strategy="shared", seed=2)
+    batch = batch_for(proc)
+    with torch.no_grad():
+        before = model(**batch).logits
+        for _, layer in lora_layers(model):
+            layer.merge_adapter("text")
+        after = model(**batch).logits
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_families_build_and_run(family):
+    model, proc = build_tiny_model(modalities=("image",), strategy="decoupled", family=family)
+    batch = proc(["<image> hi"], {"image": [tiny_inputs()["image"]]})
+    out = model(**batch)
+    assert out.logits.shape[-1] == model.language_model.config.vocab_size
+    assert any(True for _ in lora_layers(model))
+
+
+# ---------------------------------------------------------------- training signal
+def test_gradients_reach_trainables_not_frozen_encoder(decoupled):
+    model, proc = build_tiny_model(strategy="decoupled", seed=3)
+    model.train()
+    batch = batch_for(proc, padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    out = model(**batch, labels=labels, padding_side="right")
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["towers.image.projector.0.weight"] is not None
+    assert all(g is None for n, g in grads.items() if ".encoder." in n)
+    a = "language_model.model.layers.0.self_attn.q_proj.lora.image.lora_A"
+    assert grads[a] is not None and grads[a].abs().sum() > 0
+    # Only label positions reach the LM head.
+    assert out.logits.shape[0] == int((out.spliced.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------- generation
+def test_batched_generation_matches_single_and_uncached(decoupled):
+    model, proc = decoupled
+    batch = batch_for(proc)
+    gen = model.generate(**batch, max_new_tokens=6, eos_token_id=[])
+    assert gen.shape == (3, 6)
+    raw = tiny_inputs()
+    for i, p in enumerate(PROMPTS):
+        inputs = {m: [raw[m]] * p.count(f"<{m}>") for m in raw}
+        single = proc([p], inputs)
+        assert torch.equal(model.generate(**single, max_new_tokens=6, eos_token_id=[])[0], gen[i])
+    # No-cache greedy decoding (full recompute each step) gives the same tokens.
+    single = proc([PROMPTS[0]], {"image": [raw["image"]], "audio": [raw["audio"]]})
+    ids, mask = single["input_ids"], single["attention_mask"]
+    toks = []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(ids, mask, single["modal_inputs"]).logits
+            nxt = logits[0, -1].argmax()
+            toks.append(int(nxt))
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+    assert toks == gen[0].tolist()
+
+
+def test_sampling_is_seeded(decoupled):
+    model, proc = decoupled
+    batch = batch_for(proc)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, top_k=50)
+    a = model.generate(**batch, seed=7, **kw)
+    b = model.generate(**batch, seed=7, **kw)
+    assert torch.equal(a, b)
+    c = [model.generate(**batch, seed=s, **kw) for s in range(8, 12)]
+    assert any(not torch.equal(a, x) for x in c)
+
+
+def test_generation_stops_at_eos(decoupled):
+    model, proc = decoupled
+    batch = batch_for(proc)
+    first = model.generate(**batch, max_new_tokens=4, eos_token_id=[])[:, 0]
+    out = model.generate(**batch, max_new_tokens=4, eos_token_id=int(first[0]), pad_token_id=-1)
+    assert out[0, 0] == first[0] and (out[0, 1:] == -1).all()
+
+
+# ---------------------------------------------------------------- save / load
+def test_save_load_round_trip_is_bit_exact(tmp_path, decoupled):
+    model, proc = decoupled
+    path = model.save_pretrained(tmp_path / "m", processor=proc, max_shard_size="200KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert (path / "processor_config.json").is_file() and (path / "tokenizer.json").is_file()
+    loaded = MMComposeForCausalLM.from_pretrained(path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    proc2 = MMProcessor.from_pretrained(path)
+    batch = batch_for(proc2)
+    assert torch.equal(
+        model.generate(**batch, max_new_tokens=5), loaded.generate(**batch, max_new_tokens=5)
+    )
+    assert loaded.language_model.get_output_embeddings().weight is (
+        loaded.language_model.get_input_embeddings().weight
+    )
+
+
+def test_save_refuses_existing_and_leaves_nothing_on_failure(tmp_path, decoupled, monkeypatch):
+    model, _ = decoupled
+    out = tmp_path / "m"
+    model.save_pretrained(out)
+    with pytest.raises(Exception, match="already exists"):
+        model.save_pretrained(out)
+    import mmcompose.model.modeling as modeling
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modeling, "save_state_dict", boom)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path / "n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_bad_checkpoints(tmp_path, tiny_model_dir):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        MMComposeForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        MMComposeForCausalLM.from_pretrained(tmp_path / "nope")
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        MMComposeForCausalLM.from_pretrained(broken)
+
+
+def test_config_errors():
+    with pytest.raises(UnknownNameError, match="unknown encoder 'nope'"):
+        MMComposeForCausalLM(
+            MMConfig(
+                text_config={
+                    "model_type": "llama",
+                    "vocab_size": 10,
+                    "hidden_size": 8,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "intermediate_size": 8,
+                },
+                towers=[
+                    TowerConfig(
+                        modality="image",
+                        encoder=ModuleSpec(name="nope"),
+                        projector=ModuleSpec(name="linear"),
+                    )
+                ],
+            )
+        )
+    with pytest.raises(UnknownNameError, match="unknown modality 'smell'"):
+        TowerConfig(modality="smell", encoder=ModuleSpec(name="x"), projector=ModuleSpec(name="y"))
+    assert (
+        TowerConfig(
+            modality="vision", encoder=ModuleSpec(name="x"), projector=ModuleSpec(name="y")
+        ).modality
+        == "image"
+    )
+    with pytest.raises(ConfigError, match="model_type"):
+        MMConfig.from_dict({"text_config": {"model_type": "gpt2"}})
+    with pytest.raises(ConfigError, match="colour: Extra inputs"):
+        MMConfig.from_dict({"text_config": {"model_type": "llama"}, "colour": "red"})
+
+
+def test_adapter_modules_are_lora(decoupled):
+    model, _ = decoupled
+    names = {n for _, layer in lora_layers(model) for n in layer.lora}
+    assert names == {"text", "image", "audio", "video", "point"}
+    assert all(
+        isinstance(a, LoRAAdapter) for _, layer in lora_layers(model) for a in layer.lora.values()
+    )
