@@ -9,13 +9,31 @@ import sys
 import pytest
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mmcompose", *args], capture_output=True, text=True, timeout=300
     )
 
 
-def test_inspect_tables_and_json(tiny_model_dir):
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]):
+    """Run the CLI in-process (fast); returns an object like CompletedProcess."""
+    from mmcompose.cli import main
+
+    def _run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+    return _run
+
+
+def test_inspect_tables_and_json(run, tiny_model_dir):
     r = run("inspect", str(tiny_model_dir))
     assert r.returncode == 0, r.stderr
     for word in ("patch_embed", "mel_conv", "pointnet", "video_frames", "decoupled", "Total"):
@@ -37,7 +55,7 @@ def test_inspect_tables_and_json(tiny_model_dir):
     assert info["total_params"] == n
 
 
-def test_generate_with_every_modality(tiny_model_dir, media_files):
+def test_generate_with_every_modality(run, tiny_model_dir, media_files):
     args = [
         "generate",
         str(tiny_model_dir),
@@ -66,7 +84,7 @@ def test_generate_with_every_modality(tiny_model_dir, media_files):
     ],
 )
 def test_generate_bad_input_exits_2_without_traceback(
-    tiny_model_dir, media_files, tmp_path, extra, needle
+    run, tiny_model_dir, media_files, tmp_path, extra, needle
 ):
     bad = tmp_path / "notimage.png"
     bad.write_text("this is not a png")
@@ -79,7 +97,8 @@ def test_generate_bad_input_exits_2_without_traceback(
     assert needle in r.stderr and "Traceback" not in r.stderr
 
 
-def test_missing_config_exits_2(tmp_path):
-    r = run("inspect", str(tmp_path))
+def test_entry_point_exits_2_without_traceback(tmp_path):
+    """The installed entry point, as a user runs it: one error line, a hint, exit code 2."""
+    r = run_subprocess("inspect", str(tmp_path))
     assert r.returncode == 2
     assert "no config.json" in r.stderr and "Traceback" not in r.stderr

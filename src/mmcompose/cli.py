@@ -148,6 +148,55 @@ def generate(
         out.print(text, markup=False, highlight=False)
 
 
+@app.command()
+def quickstart(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model.")] = Path(
+        "runs/quickstart"
+    ),
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Run the main job end to end on the offline default assets."""
+    from mmcompose.quickstart import run_quickstart
+
+    r = run_quickstart(out_dir, force=force)
+    t = Table("step", "seconds", title="mmcompose quickstart")
+    for step, sec in r.timings.items():
+        t.add_row(step, f"{sec:.1f}")
+    out.print(t)
+    out.print(f"model: {r.out_dir / 'model'}  ({_n(sum(r.params.values()))} parameters)")
+    out.print(f"save -> load round trip bit-exact: {r.bit_exact}")
+    for name, answer in r.answers.items():
+        out.print(f"[bold]{name}[/] -> {escape(answer)}")
+    if not r.bit_exact:
+        raise typer.Exit(1)
+
+
+assets_app = typer.Typer(
+    help="Offline models and datasets in the asset cache.", no_args_is_help=True
+)
+app.add_typer(assets_app, name="assets")
+
+
+@assets_app.command("prepare")
+def assets_prepare(
+    only: Annotated[list[str] | None, typer.Option(help="Prepare only these assets.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if prepared.")] = False,
+) -> None:
+    """Prepare offline assets in the cache (installs nothing; names what is missing)."""
+    from mmcompose.assets import prepare_base_llm
+    from mmcompose.errors import UnknownNameError
+
+    preparers = {"base_llm": lambda: prepare_base_llm(force=force)}
+    names = only or list(preparers)
+    for name in names:
+        if name not in preparers:
+            raise UnknownNameError(
+                f"unknown asset {name!r}", hint=f"choose from {', '.join(preparers)}"
+            )
+    for name in names:
+        out.print(f"{name}: {preparers[name]()}")
+
+
 def _n(x: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if x >= div:

@@ -155,15 +155,20 @@ def build_tiny_model(
     family: Literal["llama", "qwen2", "mistral"] = "llama",
     seed: int = 0,
     randomize_adapters: bool = True,
+    adapter_seed: int | None = None,
 ) -> tuple[MMComposeForCausalLM, MMProcessor]:
     """A random composed model and its processor. With ``randomize_adapters`` the LoRA B
-    matrices and prefix/suffix tokens get random values, so every adapter changes outputs."""
+    matrices and prefix/suffix tokens get random values, so every adapter changes outputs.
+
+    The LLM's weights depend only on ``seed`` (and family/size), so models built with the same
+    ``seed`` share one base LLM, like single-modality MLLMs fine-tuned from one base; give
+    them different ``adapter_seed`` values to make their adapters differ."""
     tok = tiny_tokenizer()
     config = tiny_config(modalities, strategy, rank, family, tok)
     torch.manual_seed(seed)
     model = MMComposeForCausalLM(config).eval()
     if randomize_adapters:
-        randomize(model, seed)
+        randomize(model, seed if adapter_seed is None else adapter_seed)
     return model, MMProcessor.from_config(config, tok)
 
 

@@ -264,7 +264,9 @@ class MMComposeForCausalLM(nn.Module):
         are loaded; towers and adapters are freshly initialised)."""
         llm_dir = Path(llm_dir)
         if not (llm_dir / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{llm_dir} has no {CONFIG_NAME}", hint="pass a Hugging Face LLM folder")
+            raise CheckpointError(
+                f"{llm_dir} has no {CONFIG_NAME}", hint="pass a Hugging Face LLM folder"
+            )
         llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=DTYPES[dtype])
         text_config = llm.config.to_dict()
         config = MMConfig(text_config=text_config, towers=list(towers), lora=lora, dtype=dtype)

