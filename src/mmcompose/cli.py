@@ -197,6 +197,26 @@ def assets_prepare(
         out.print(f"{name}: {preparers[name]()}")
 
 
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Training YAML (see docs).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Train a single-modality MLLM (stage 1 projector, stage 2 projector + LoRA).
+
+    Under torchrun, runs data-parallel; an interrupted run resumes from OUT.checkpoint."""
+    from mmcompose.train.trainer import load_train_config
+    from mmcompose.train.trainer import train as run_train
+
+    cfg, base = load_train_config(config)
+    r = run_train(cfg, out_dir, config_dir=base, force=force)
+    out.print(
+        f"trained {r.steps} steps in {r.seconds:.1f} s, final loss {r.final_loss:.4f}, "
+        f"peak RSS {r.peak_rss_mb:.0f} MB -> {r.out_dir}"
+    )
+
+
 def _n(x: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if x >= div:

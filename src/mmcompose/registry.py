@@ -11,9 +11,19 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    """``plugins``: modules that register more entries; imported on the first unknown name, so
+    a saved model naming e.g. a pretrained encoder loads without the caller importing it."""
+
+    def __init__(self, kind: str, plugins: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._plugins = list(plugins)
+
+    def _load_plugins(self) -> None:
+        import importlib
+
+        while self._plugins:
+            importlib.import_module(self._plugins.pop(0))
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -25,6 +35,8 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        if name not in self._items:
+            self._load_plugins()
         try:
             return self._items[name]
         except KeyError:
@@ -34,10 +46,13 @@ class Registry(Generic[T]):
             ) from None
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._items:
+            self._load_plugins()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(self.names())
 
     def names(self) -> list[str]:
+        self._load_plugins()
         return sorted(self._items)

@@ -8,6 +8,7 @@ tokenizer trained on the spot and a ChatML chat template.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -73,6 +74,9 @@ def tiny_text_config(
         "num_key_value_heads": 2,
         "max_position_embeddings": 512,
         "tie_word_embeddings": True,
+        # Larger than the usual 0.02: with frozen tied embeddings, tiny std bounds the logits
+        # (|logit| <~ 1) and a LoRA could never make a confident prediction in tests.
+        "initializer_range": 0.2,
         "eos_token_id": eos_token_id,
         "pad_token_id": pad_token_id,
     }
@@ -170,6 +174,24 @@ def build_tiny_model(
     if randomize_adapters:
         randomize(model, seed if adapter_seed is None else adapter_seed)
     return model, MMProcessor.from_config(config, tok)
+
+
+def save_tiny_base_llm(
+    path: str | Path, seed: int = 0, family: Literal["llama", "qwen2", "mistral"] = "llama"
+) -> Path:
+    """A tiny random Hugging Face causal LM folder (weights + tokenizer), like a real base LLM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = tiny_text_config(
+        len(tok), family, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    torch.manual_seed(seed)
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    path = Path(path)
+    llm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 @torch.no_grad()

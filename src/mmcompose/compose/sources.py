@@ -100,8 +100,10 @@ class Source:
 
 
 Detector = Callable[[Path], bool]
-Opener = Callable[[Path], Source]
-IMPORTERS: Registry[tuple[Detector, Opener]] = Registry("checkpoint importer")
+Opener = Callable[..., Source]
+IMPORTERS: Registry[tuple[Detector, Opener]] = Registry(
+    "checkpoint importer", plugins=("mmcompose.compose.importers",)
+)
 
 
 def register_importer(name: str, detect: Detector) -> Callable[[Opener], Opener]:
@@ -121,8 +123,10 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def open_source(path: str | Path, importer: str | None = None) -> Source:
-    """Open a composition input, detecting its layout unless ``importer`` names one."""
+def open_source(path: str | Path, importer: str | None = None, **options: object) -> Source:
+    """Open a composition input, detecting its layout unless ``importer`` names one.
+
+    ``options`` go to the importer (e.g. ``base=``, ``encoders=``, ``base_vocab_size=``)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
@@ -131,11 +135,11 @@ def open_source(path: str | Path, importer: str | None = None) -> Source:
     if not (path / CONFIG_NAME).is_file():
         raise CheckpointError(f"{path} has no {CONFIG_NAME}", hint="pass a model folder")
     if importer is not None:
-        return IMPORTERS.get(importer)[1](path)
+        return IMPORTERS.get(importer)[1](path, **options)
     for name in IMPORTERS:
         detect, opener = IMPORTERS.get(name)
         if detect(path):
-            return opener(path)
+            return opener(path, **options)
     mt = read_json(path / CONFIG_NAME).get("model_type")
     raise CheckpointError(
         f"{path}: no importer recognises this checkpoint (model_type {mt!r})",
@@ -150,7 +154,8 @@ def _is_mmcompose(path: Path) -> bool:
 
 
 @register_importer("mmcompose", detect=_is_mmcompose)
-def open_mmcompose(path: Path) -> Source:
+def open_mmcompose(path: Path, **options: object) -> Source:
+    _no_options("mmcompose", options)
     src = Source(path, MMConfig.from_dir(path))
     for name, file in weight_files(path).items():
         src.add(name, file, name)
@@ -163,11 +168,19 @@ def _is_hf_causal_lm(path: Path) -> bool:
 
 
 @register_importer("hf_causal_lm", detect=_is_hf_causal_lm)
-def open_hf_causal_lm(path: Path) -> Source:
+def open_hf_causal_lm(path: Path, **options: object) -> Source:
     """A plain Hugging Face LLM folder: a text-only model with no towers and no adapters."""
+    _no_options("hf_causal_lm", options)
     text_config = read_json(path / CONFIG_NAME)
     src = Source(path, MMConfig.from_dict({"text_config": text_config}, source=str(path)))
     src.kind = "hf_causal_lm"
     for name, file in weight_files(path).items():
         src.add(LLM_PREFIX + name, file, name)
     return src
+
+
+def _no_options(importer: str, options: dict[str, object]) -> None:
+    if options:
+        raise CheckpointError(
+            f"the {importer} importer takes no options, got {', '.join(sorted(options))}"
+        )

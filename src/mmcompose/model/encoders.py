@@ -52,7 +52,9 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
 
-ENCODERS: Registry[type[Encoder]] = Registry("encoder")
+# Modules that register more encoders (pretrained ones; importer stand-ins), loaded on demand.
+ENCODER_PLUGINS = ("mmcompose.assets.encoders", "mmcompose.compose.importers")
+ENCODERS: Registry[type[Encoder]] = Registry("encoder", plugins=ENCODER_PLUGINS)
 
 
 def register_encoder(name: str):

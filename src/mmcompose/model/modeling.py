@@ -127,8 +127,10 @@ class MMComposeForCausalLM(nn.Module):
         modal_features: Mapping[str, Tensor] | None = None,
         labels: Tensor | None = None,
         padding_side: Literal["left", "right"] = "right",
+        loss_reduction: Literal["mean", "sum"] = "mean",
     ) -> MMOutput:
-        """With ``labels``, the LM head runs only on positions that carry a label."""
+        """With ``labels``, the LM head runs only on positions that carry a label.
+        ``loss_reduction="sum"`` lets data-parallel training divide by the global token count."""
         sp = self.prepare_inputs(
             input_ids, attention_mask, modal_inputs, modal_features, labels, padding_side
         )
@@ -139,7 +141,10 @@ class MMComposeForCausalLM(nn.Module):
         target = sp.labels[:, 1:]
         keep = target != IGNORE_INDEX
         logits = head(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), target[keep]) if keep.any() else hidden.sum() * 0
+        if keep.any():
+            loss = F.cross_entropy(logits.float(), target[keep], reduction=loss_reduction)
+        else:
+            loss = hidden.sum() * 0
         return MMOutput(loss, logits, sp)
 
     def _decode(
@@ -244,13 +249,19 @@ class MMComposeForCausalLM(nn.Module):
         from mmcompose.fs import atomic_dir
 
         path = Path(path)
-        state, _ = dedupe_shared(self.state_dict())
         with atomic_dir(path, overwrite=overwrite) as tmp:
-            (tmp / CONFIG_NAME).write_text(self.config.to_json())
-            save_state_dict(state, tmp, max_shard_size, metadata={"mmcompose": "1"})
-            if processor is not None:
-                processor.save_pretrained(tmp)  # type: ignore[attr-defined]
+            self.write_to(tmp, processor, max_shard_size)
         return path
+
+    def write_to(
+        self, folder: Path, processor: object | None = None, max_shard_size: int | str = "2GB"
+    ) -> None:
+        """Write the model files into an existing folder (callers make it atomic)."""
+        state, _ = dedupe_shared(self.state_dict())
+        (folder / CONFIG_NAME).write_text(self.config.to_json())
+        save_state_dict(state, folder, max_shard_size, metadata={"mmcompose": "1"})
+        if processor is not None:
+            processor.save_pretrained(folder)  # type: ignore[attr-defined]
 
     @classmethod
     def from_base_llm(

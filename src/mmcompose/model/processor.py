@@ -27,7 +27,6 @@ from mmcompose.model.splice import SENTINELS
 
 PROCESSOR_CONFIG = "processor_config.json"
 PLACEHOLDER_RE = re.compile("(" + "|".join(f"<{m}>" for m in MODALITIES) + ")")
-FALLBACK_TEMPLATE = "USER: {prompt} ASSISTANT:"
 
 
 class MMProcessor:
@@ -55,15 +54,32 @@ class MMProcessor:
     # ------------------------------------------------------------------ text
     def format_prompt(self, prompt: str, system: str | None = None) -> str:
         """Wrap a user turn in the base LLM's own chat template (or a plain fallback)."""
-        tok = self.tokenizer
         if not self.use_chat_template:
             return prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return self.render_chat(messages, add_generation_prompt=True)
+
+    def render_chat(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+    ) -> str:
+        """Messages -> text with the base LLM's chat template (plain USER/ASSISTANT if none).
+
+        Training renders conversation prefixes with this same function, so the prompt a model
+        sees at inference is tokenised exactly as during training."""
+        tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return FALLBACK_TEMPLATE.format(prompt=prompt)
+            return tok.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        parts = []
+        for m in messages:
+            if m["role"] == "assistant":
+                parts.append(f"ASSISTANT: {m['content']}{tok.eos_token or ''}\n")
+            else:
+                parts.append(f"{m['role'].upper()}: {m['content']} ")
+        return "".join(parts) + ("ASSISTANT:" if add_generation_prompt else "")
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids with one sentinel per placeholder."""

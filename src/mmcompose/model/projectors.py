@@ -18,7 +18,9 @@ class ProjectorParams(BaseModel):
 
 
 ProjectorBuilder = Callable[[int, int, BaseModel], nn.Module]
-PROJECTORS: Registry[tuple[type[ProjectorParams], ProjectorBuilder]] = Registry("projector")
+PROJECTORS: Registry[tuple[type[ProjectorParams], ProjectorBuilder]] = Registry(
+    "projector", plugins=("mmcompose.compose.importers",)
+)
 
 
 def register_projector(name: str, params: type[ProjectorParams] = ProjectorParams):

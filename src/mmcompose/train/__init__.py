@@ -1,0 +1,1 @@
+"""Training single-modality MLLMs (projector stage, LoRA stage), DDP under torchrun."""

@@ -1,0 +1,160 @@
+"""Training data in the reference (LLaVA-style) conversation format, tokenised for the model.
+
+A record: ``{"id", "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
+{"from": "gpt", "value": "A dog."}], "modal_inputs": {"vision": ["path.jpg"]}}``. Only the
+assistant turns carry labels; everything else (system prompt, user turns, template tokens,
+modality blocks) is -100. Conversation prefixes are rendered with the same chat template as at
+inference, so training and generation see identical prompt tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmcompose.errors import ConfigError, MMComposeError
+from mmcompose.modalities import canonical_modality
+from mmcompose.model.processor import MMProcessor
+from mmcompose.model.splice import IGNORE_INDEX
+
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+class DataError(MMComposeError):
+    """A training or evaluation data file is malformed."""
+
+
+@dataclass
+class Example:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    inputs: dict[str, list[str]] = field(default_factory=dict)  # modality -> file paths
+
+
+def load_conversations(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate a conversation JSON list (relative media paths resolve against it)."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"data file {path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path} must hold a JSON list of conversation records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
+            raise DataError(f"{path}: record {i} has no 'conversations' list")
+        for turn in r["conversations"]:
+            if turn.get("from") not in ROLES:
+                raise DataError(
+                    f"{path}: record {r.get('id', i)} has a turn from {turn.get('from')!r}",
+                    hint=f"use one of {', '.join(ROLES)}",
+                )
+        modal = {}
+        for k, v in (r.get("modal_inputs") or {}).items():
+            items = [v] if isinstance(v, str) else list(v)
+            modal[canonical_modality(k)] = [
+                str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in items
+            ]
+        r["modal_inputs"] = modal
+        r.setdefault("id", str(i))
+    return records
+
+
+def encode_example(
+    processor: MMProcessor, record: Mapping[str, Any], max_length: int | None = None
+) -> Example:
+    """Token ids (with placeholder sentinels) and labels for one conversation."""
+    messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = processor.render_chat(messages[:i], add_generation_prompt=True)
+        full = processor.render_chat(messages[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise DataError(
+                f"record {record['id']}: the chat template does not render turns as prefixes"
+            )
+        ctx = processor.tokenize(prompt[len(done) :], add_special_tokens=not done)
+        ans = processor.tokenize(full[len(prompt) :], add_special_tokens=False)
+        ids += ctx + ans
+        labels += [IGNORE_INDEX] * len(ctx) + ans
+        done = full
+    if not labels or all(x == IGNORE_INDEX for x in labels):
+        raise DataError(f"record {record['id']}: no assistant answer to learn from")
+    if max_length is not None and len(ids) > max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return Example(str(record["id"]), ids, labels, dict(record.get("modal_inputs") or {}))
+
+
+# ----------------------------------------------------------------------------- from manifests
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "image": (
+        "What is shown in this image?",
+        "What object is in the picture?",
+        "Name the main thing in this image.",
+        "What do you see?",
+    ),
+    "audio": (
+        "What is this sound?",
+        "What do you hear?",
+        "Name the sound in this clip.",
+        "What does this audio contain?",
+    ),
+    "video": (
+        "What is shown in this video?",
+        "What does the clip show?",
+        "Name the main thing in this video.",
+    ),
+    "point": (
+        "What object is this point cloud?",
+        "What shape is this?",
+        "Name the object in this 3D point cloud.",
+    ),
+}
+
+
+def conversations_from_manifest(
+    records: Sequence[Mapping[str, Any]],
+    style: str = "label",
+    seed: int = 0,
+    questions: Mapping[str, Sequence[str]] = QUESTIONS,
+) -> list[dict[str, Any]]:
+    """Manifest rows (id, path, modality, label, caption) -> conversation records.
+
+    ``style="caption"`` answers with the caption (stage 1, alignment); ``"label"`` asks a varied
+    question and answers with the label word (stage 2, instruction-style)."""
+    if style not in ("caption", "label"):
+        raise ConfigError(f"unknown conversation style {style!r}", hint="use 'caption' or 'label'")
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        m = canonical_modality(r["modality"])
+        q = rng.choice(list(questions[m])) if style == "label" else "Describe this briefly."
+        a = r["label"] if style == "label" else (r.get("caption") or r["label"])
+        out.append(
+            {
+                "id": r["id"],
+                "conversations": [
+                    {"from": "human", "value": f"<{m}>\n{q}"},
+                    {"from": "gpt", "value": a},
+                ],
+                "modal_inputs": {m: [r["path"]]},
+            }
+        )
+    return out

@@ -1,0 +1,361 @@
+"""Training a single-modality MLLM on a base LLM: stage 1 (projector), stage 2 (+ LoRA).
+
+Runs as one process or under torchrun (gloo on CPU, nccl on GPU). Data parallelism keeps the
+*global* batch fixed: each rank takes a contiguous slice of it, sums its token losses, divides
+by the global number of label tokens, and gradients are summed across ranks, so N processes
+give the same model as one process with the same global batch (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm.auto import tqdm
+
+from mmcompose.errors import ConfigError
+from mmcompose.fs import atomic_dir, write_json_atomic
+from mmcompose.model.config import AdapterSpec, LoRAConfig, TowerConfig
+from mmcompose.model.modeling import MMComposeForCausalLM
+from mmcompose.model.processor import MMProcessor
+from mmcompose.model.splice import IGNORE_INDEX
+from mmcompose.train.data import Example, encode_example, load_conversations
+from mmcompose.train.features import FeatureCache
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageConfig(_Strict):
+    epochs: float = Field(default=1.0, ge=0)
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=8, gt=0)  # global batch
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    data: str | None = None  # conversation JSON; defaults to TrainConfig.data
+
+
+class LoRASettings(_Strict):
+    strategy: Literal["shared", "decoupled"] = "shared"
+    rank: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    """`mmcompose train` YAML."""
+
+    base_llm: str  # a Hugging Face LLM folder, or the name of a prepared base LLM
+    tower: TowerConfig
+    data: str
+    lora: LoRASettings = LoRASettings()
+    stage1: StageConfig = StageConfig(lr=1e-3)
+    stage2: StageConfig = StageConfig(lr=2e-4)
+    max_length: int = Field(default=256, gt=8)
+    grad_clip: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(default=50, gt=0)
+    feature_cache: str | None = None  # default: the asset cache
+    device: str = "cpu"
+
+
+def load_train_config(path: str | Path) -> tuple[TrainConfig, Path]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    try:
+        return TrainConfig.model_validate(raw), path.parent
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"invalid train config {path}: {msgs}") from None
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    seconds: float
+    final_loss: float
+    peak_rss_mb: float
+
+
+# ----------------------------------------------------------------------------- distributed
+def _dist_setup(device: str) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- batches
+def _collate(
+    examples: list[Example], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        mask[b, :n] = 1
+    return ids, mask, labels
+
+
+def _batches(n: int, batch: int, epochs: float, seed: int) -> Iterator[list[int]]:
+    """Global batches of example indices over ``epochs`` (fractional allowed), reshuffled per epoch."""
+    total = math.ceil(n * epochs / batch)
+    order: list[int] = []
+    epoch = 0
+    for _ in range(total):
+        while len(order) < batch:
+            g = torch.Generator().manual_seed(seed + epoch)
+            order += torch.randperm(n, generator=g).tolist()
+            epoch += 1
+        yield order[:batch]
+        order = order[batch:]
+
+
+def _lr(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- the loop
+def _trainables(model: MMComposeForCausalLM, stage: int) -> list[torch.nn.Parameter]:
+    """Stage 1: projector and prefix/suffix tokens. Stage 2: those plus the LoRA adapters."""
+    params = []
+    for name, p in model.named_parameters():
+        train = name.startswith("towers.") and ".encoder." not in name
+        train |= stage == 2 and ".lora." in name
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
+    return params
+
+
+def _resolve_llm(name: str, base: Path) -> Path:
+    p = Path(name) if Path(name).is_absolute() else base / name
+    if p.is_dir():
+        return p
+    from mmcompose.assets.llm import BASE_LLMS, prepare_base_llm
+
+    if name in BASE_LLMS:
+        return prepare_base_llm(name)
+    raise ConfigError(
+        f"base_llm {name!r} is neither a folder nor a known base LLM",
+        hint=f"known: {', '.join(BASE_LLMS)}",
+    )
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    config_dir: Path = Path("."),
+    force: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train and write the model folder at ``out_dir``; resumable from ``<out_dir>.checkpoint``."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        from mmcompose.fs import OutputExistsError
+
+        raise OutputExistsError(
+            f"output path {out_dir} already exists", hint="pass --force to replace it"
+        )
+    rank, world = _dist_setup(config.device)
+    _seed_all(config.seed)
+    llm_dir = _resolve_llm(config.base_llm, config_dir)
+    m = config.tower.modality
+    names = ["text"] + ([m] if config.lora.strategy == "decoupled" else [])
+    lora = LoRAConfig(
+        strategy=config.lora.strategy,
+        adapters={n: AdapterSpec(rank=config.lora.rank, alpha=config.lora.alpha) for n in names},
+        dropout=config.lora.dropout,
+    )
+    model = MMComposeForCausalLM.from_base_llm(llm_dir, [config.tower], lora).to(config.device)
+    processor = MMProcessor.from_config(model.config, AutoTokenizer.from_pretrained(str(llm_dir)))
+    cache_root = Path(config.feature_cache) if config.feature_cache else _default_cache()
+    features = FeatureCache(cache_root, model.towers[m], processor)
+
+    stages = [(1, config.stage1), (2, config.stage2)]
+    datasets = {}
+    for idx, st in stages:
+        records = load_conversations(config_dir / (st.data or config.data))
+        datasets[idx] = [encode_example(processor, r, config.max_length) for r in records]
+    items = sorted({p for ex in (*datasets[1], *datasets[2]) for p in ex.inputs.get(m, [])})
+    if rank == 0:
+        features.build(items, progress=progress)
+    if world > 1:
+        dist.barrier()
+
+    ckpt = Path(f"{out_dir}.checkpoint")
+    state = _load_checkpoint(ckpt, model)
+    log: list[dict] = state.get("log", [])
+    pad = processor.tokenizer.pad_token_id or 0
+    step_global = 0
+    loss_value = float("nan")
+    for idx, st in stages:
+        data = datasets[idx]
+        batches = list(_batches(len(data), st.batch_size, st.epochs, config.seed + 1000 * idx))
+        if not batches:
+            continue
+        params = _trainables(model, idx)
+        opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+        start = 0
+        if state.get("stage") == idx:
+            if "optimizer" in state:
+                opt.load_state_dict(state["optimizer"])
+            start = state["step"]
+        elif state.get("stage", 0) > idx:
+            continue
+        warmup = int(st.warmup_ratio * len(batches))
+        model.train()
+        bar = tqdm(
+            total=len(batches),
+            initial=start,
+            desc=f"stage {idx}",
+            disable=not progress or rank != 0,
+        )
+        for step in range(start, len(batches)):
+            glob = batches[step]
+            per = math.ceil(len(glob) / world)
+            mine = [data[i] for i in glob[rank * per : (rank + 1) * per]]
+            n_tokens = sum(sum(1 for x in data[i].labels[1:] if x != IGNORE_INDEX) for i in glob)
+            for g in opt.param_groups:
+                g["lr"] = _lr(step, len(batches), warmup, st.lr)
+            opt.zero_grad(set_to_none=False)
+            loss_sum = torch.zeros(())
+            if mine:
+                ids, mask, labels = _collate(mine, pad)
+                feats = [p for ex in mine for p in ex.inputs.get(m, [])]
+                modal = {m: features.get(feats)} if feats else None
+                out = model(ids, mask, modal_features=modal, labels=labels, loss_reduction="sum")
+                (out.loss / n_tokens).backward()
+                loss_sum = out.loss.detach()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                _all_sum(p.grad, world)
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            loss_value = float(_all_sum(loss_sum.clone(), world)) / n_tokens
+            log.append(
+                {
+                    "stage": idx,
+                    "step": step + 1,
+                    "loss": loss_value,
+                    "lr": opt.param_groups[0]["lr"],
+                }
+            )
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            bar.update(1)
+            step_global += 1
+            if rank == 0 and (step + 1) % config.checkpoint_every == 0 and step + 1 < len(batches):
+                _save_checkpoint(ckpt, model, opt, idx, step + 1, log)
+        bar.close()
+        if rank == 0 and idx == 1:
+            _save_checkpoint(ckpt, model, None, 2, 0, log)
+        state = {}
+    model.eval()
+    if rank == 0:
+        with atomic_dir(out_dir, overwrite=force) as tmp:
+            model.write_to(tmp, processor)
+            (tmp / "train_config.json").write_text(config.model_dump_json(indent=2))
+            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        _remove_checkpoint(ckpt)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(
+        out_dir, step_global, time.perf_counter() - started, loss_value, _peak_rss_mb()
+    )
+
+
+def _default_cache() -> Path:
+    from mmcompose.assets.cache import cache_dir
+
+    return cache_dir()
+
+
+def _trainable_state(model: MMComposeForCausalLM) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if (n.startswith("towers.") and ".encoder." not in n) or ".lora." in n
+    }
+
+
+def _save_checkpoint(ckpt: Path, model, opt, stage: int, step: int, log: list[dict]) -> None:
+    with atomic_dir(ckpt, overwrite=True) as tmp:
+        torch.save(
+            {
+                "params": _trainable_state(model),
+                "optimizer": opt.state_dict() if opt else None,
+                "stage": stage,
+                "step": step,
+                "log": log,
+                "rng": torch.get_rng_state(),
+            },
+            tmp / "state.pt",
+        )
+        write_json_atomic(tmp / "progress.json", {"stage": stage, "step": step})
+
+
+def _load_checkpoint(ckpt: Path, model: MMComposeForCausalLM) -> dict:
+    f = ckpt / "state.pt"
+    if not f.is_file():
+        return {}
+    state = torch.load(f, weights_only=False)
+    model.load_state_dict(state["params"], strict=False)
+    torch.set_rng_state(state["rng"])
+    if state["optimizer"] is None:
+        state.pop("optimizer")
+    return state
+
+
+def _remove_checkpoint(ckpt: Path) -> None:
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,155 @@
+"""Training a single-modality MLLM on a tiny base LLM: loss, resume, data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mmcompose.errors import MMComposeError
+from mmcompose.model import MMComposeForCausalLM
+from mmcompose.model.splice import IGNORE_INDEX
+from mmcompose.testing import save_tiny_base_llm, tiny_tokenizer
+from mmcompose.train import trainer as trainer_mod
+from mmcompose.train.data import conversations_from_manifest, encode_example, load_conversations
+from mmcompose.train.trainer import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("train")
+    llm = save_tiny_base_llm(d / "llm")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        label = ["red", "blue", "green"][i % 3]
+        color = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20)}[label]
+        arr = np.clip(np.array(color) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+        p = d / f"img{i}.png"
+        Image.fromarray(arr).save(p)
+        rows.append({"id": f"i{i}", "path": str(p), "modality": "image", "label": label, "caption": f"a {label} square"})
+    (d / "data.json").write_text(json.dumps(conversations_from_manifest(rows, "label", seed=0)))
+    (d / "caps.json").write_text(json.dumps(conversations_from_manifest(rows, "caption", seed=0)))
+    cfg = {
+        "base_llm": str(llm),
+        "data": "data.json",
+        "tower": {"modality": "image", "encoder": {"name": "patch_embed", "params": {"image_size": 32, "patch_size": 8, "width": 32}},
+                  "projector": {"name": "mlp2x_gelu"}, "num_prefix": 2, "num_suffix": 2},
+        "lora": {"strategy": "decoupled", "rank": 4, "alpha": 8, "dropout": 0.1},
+        "stage1": {"epochs": 1, "lr": 3e-3, "batch_size": 6, "data": "caps.json"},
+        "stage2": {"epochs": 4, "lr": 1e-2, "batch_size": 6},
+        "checkpoint_every": 2,
+        "feature_cache": str(d / "cache"),
+    }
+    (d / "train.yaml").write_text(yaml.safe_dump(cfg))
+    return {"dir": d, "config": d / "train.yaml"}
+
+
+def _cfg(setup) -> TrainConfig:
+    return TrainConfig.model_validate(yaml.safe_load(setup["config"].read_text()))
+
+
+def test_labels_cover_only_answers():
+    from mmcompose.model.processor import MMProcessor
+
+    proc = MMProcessor(tiny_tokenizer(), {"image": {"name": "patch_embed"}})
+    rec = {"id": "x", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a dog"},
+                                         {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]}
+    ex = encode_example(proc, rec)
+    labelled = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE_INDEX]
+    text = proc.tokenizer.decode(labelled)
+    assert text == "a dog<|im_end|>\nyes<|im_end|>\n"
+    assert ex.input_ids.count(-200) == 1
+
+
+def test_bad_data_file(tmp_path):
+    (tmp_path / "d.json").write_text('{"not": "a list"}')
+    with pytest.raises(MMComposeError, match="JSON list"):
+        load_conversations(tmp_path / "d.json")
+    (tmp_path / "e.json").write_text('[{"conversations": [{"from": "robot", "value": "x"}]}]')
+    with pytest.raises(MMComposeError, match="robot"):
+        load_conversations(tmp_path / "e.json")
+
+
+def test_train_lowers_loss_and_writes_a_model(setup):
+    cfg = _cfg(setup)
+    out = setup["dir"] / "out"
+    r = train(cfg, out, config_dir=setup["dir"], progress=False)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    s2 = [x["loss"] for x in log if x["stage"] == 2]
+    assert len(log) == r.steps == 4 + 16
+    assert np.mean(s2[-3:]) < 0.7 * np.mean(s2[:3])
+    model = MMComposeForCausalLM.from_pretrained(out)
+    assert model.config.lora.strategy == "decoupled" and model.modalities == ["image"]
+    assert not Path(f"{out}.checkpoint").exists()
+    # The base LLM stayed frozen; LoRA and projector moved.
+    base = MMComposeForCausalLM.from_base_llm(setup["dir"] / "llm")
+    w = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[w], base.state_dict()[w])
+    assert model.state_dict()["language_model.model.layers.0.mlp.up_proj.lora.image.lora_B"].abs().sum() > 0
+    # Rerun on cached features gives the same model (seeded).
+    out2 = setup["dir"] / "out2"
+    train(cfg, out2, config_dir=setup["dir"], progress=False)
+    a, b = model.state_dict(), MMComposeForCausalLM.from_pretrained(out2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_run_resumes_to_the_same_model(setup, monkeypatch):
+    cfg = _cfg(setup)
+    ref = setup["dir"] / "out"  # from the previous test (module scope keeps it)
+    if not ref.exists():
+        train(cfg, ref, config_dir=setup["dir"], progress=False)
+    out = setup["dir"] / "resumed"
+    calls = {"n": 0}
+    real = trainer_mod._lr
+
+    def flaky(step, total, warmup, peak):
+        calls["n"] += 1
+        if calls["n"] == 8:  # stage 2, step 4: after the step-4 checkpoint of stage 2? no: mid-run
+            raise KeyboardInterrupt
+        return real(step, total, warmup, peak)
+
+    monkeypatch.setattr(trainer_mod, "_lr", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, config_dir=setup["dir"], progress=False)
+    assert not out.exists() and Path(f"{out}.checkpoint").is_dir()
+    monkeypatch.setattr(trainer_mod, "_lr", real)
+    train(cfg, out, config_dir=setup["dir"], progress=False)
+    a = MMComposeForCausalLM.from_pretrained(ref).state_dict()
+    b = MMComposeForCausalLM.from_pretrained(out).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(setup, tmp_path):
+    """torchrun with 2 CPU processes (gloo) = 1 process with the same global batch."""
+    raw = yaml.safe_load(setup["config"].read_text())
+    raw["lora"]["dropout"] = 0.0  # dropout masks differ per rank by design
+    raw["base_llm"] = str(setup["dir"] / "llm")
+    raw["data"] = str(setup["dir"] / "data.json")
+    raw["stage1"]["data"] = str(setup["dir"] / "caps.json")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "mmcompose", "train", str(cfg_path), "-o", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "mmcompose", "train", str(cfg_path), "-o", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = MMComposeForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    b = MMComposeForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert any(not torch.equal(a[k], MMComposeForCausalLM.from_base_llm(setup["dir"] / "llm").state_dict().get(k, a[k]))
+               for k in a if ".lora." in k)
