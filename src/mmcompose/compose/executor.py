@@ -1,0 +1,471 @@
+"""Carrying out a composition plan, streamed tensor by tensor into size-capped shards.
+
+Each plan step reads its few inputs lazily, computes on ``device``, hands the result to a
+shard writer and drops the inputs; a shard is written as soon as its last tensor arrives (the
+layout is fixed by the plan, so file names are known up front). Peak memory is about
+(number of inputs + 2) x the largest tensor plus one output shard. Everything is written into
+``atomic_dir``: an error or Ctrl-C leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from mmcompose.compose.config import ComposeConfig, load_compose_config
+from mmcompose.compose.methods import BoundMerge
+from mmcompose.compose.plan import (
+    TOKENIZER_FILES,
+    Carry,
+    ConcatAdapter,
+    Delta,
+    FoldDelta,
+    MergeWeights,
+    OutputTensor,
+    Plan,
+    Ref,
+    Step,
+    open_inputs,
+    plan_composition,
+)
+from mmcompose.compose.sources import Source
+from mmcompose.errors import ConfigError, MergeError
+from mmcompose.fs import atomic_dir
+from mmcompose.io import SAFE_INDEX, plan_shards, shard_names
+from mmcompose.model.config import CONFIG_NAME, TEXT_ADAPTER
+from mmcompose.model.processor import PROCESSOR_CONFIG
+
+REPORT_NAME = "composition_report.json"
+_RELEASE_BYTES = 1 << 30  # input pages kept mapped before the files are reopened
+
+__all__ = [
+    "REPORT_NAME",
+    "ComposeResult",
+    "apply_text_merge",
+    "compose",
+    "concat_factors",
+    "identity_factors",
+    "lora_delta",
+    "run_from_yaml",
+]
+
+
+# ---------------------------------------------------------------- pure math
+
+
+def _work(t: Tensor) -> Tensor:
+    """float32 for arithmetic (float64 stays float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def lora_delta(a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """dW = scaling * B @ A, (out, in): the update a LoRA adds to its linear."""
+    return (_work(b) @ _work(a)) * scaling
+
+
+def concat_factors(
+    factors: Sequence[tuple[Tensor, Tensor]], coeffs: Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """One adapter with ``B @ A == sum_i c_i B_i A_i`` exactly: stack the A_i, scale the B_i.
+
+    ``factors`` holds (A_i, s_i-scaled or raw B_i); the caller folds scalings into ``coeffs``.
+    """
+    a = torch.cat([_work(a) for a, _ in factors], dim=0)
+    b = torch.cat([_work(b) * c for (_, b), c in zip(factors, coeffs, strict=True)], dim=1)
+    return a, b
+
+
+def identity_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Exact factors of a dense delta at ``rank >= min(out, in)``: one factor is a padded
+    identity, the other the delta itself, so ``B @ A == delta`` with no approximation."""
+    out_f, in_f = delta.shape
+    if rank < min(out_f, in_f):
+        raise MergeError(f"rank {rank} cannot hold a dense ({out_f}, {in_f}) delta exactly")
+    a = delta.new_zeros(rank, in_f)
+    b = delta.new_zeros(out_f, rank)
+    if out_f <= in_f:
+        b[:, :out_f] = torch.eye(out_f, dtype=delta.dtype, device=delta.device)
+        a[:out_f] = delta
+    else:
+        b[:, :in_f] = delta
+        a[:in_f] = torch.eye(in_f, dtype=delta.dtype, device=delta.device)
+    return a, b
+
+
+# ---------------------------------------------------------------- reading inputs
+
+
+class _Reader:
+    """Reads input tensors, checks them for NaN/Inf, moves them to the compute device."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        device: torch.device,
+        allow_nonfinite: bool,
+    ) -> None:
+        self.sources: list[Source] = plan.sources
+        self.device = device
+        self.dtype = plan.compute_dtype
+        self.allow_nonfinite = allow_nonfinite
+        self.warnings: list[str] = []
+        self.read_bytes = 0
+
+    def raw(self, ref: Ref) -> Tensor:
+        t = self.sources[ref.source].get(ref.name)
+        self.read_bytes += t.numel() * t.element_size()
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            self._nonfinite(ref)
+        return t
+
+    def compute(self, ref: Ref) -> Tensor:
+        t = self.raw(ref).to(self.device)
+        return t.to(self.dtype) if self.dtype is not None else t
+
+    def _nonfinite(self, ref: Ref) -> None:
+        msg = f"{self.sources[ref.source].path}: tensor {ref.name} holds NaN or Inf"
+        if not self.allow_nonfinite:
+            raise MergeError(msg, hint="fix the checkpoint, or pass --allow-nonfinite to go on")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        self.warnings.append(msg)
+
+    def release(self, every: int) -> None:
+        """Unmap the input files once ``every`` bytes were read through them: pages read via
+        safetensors' mmap otherwise stay resident, and peak RSS would grow with model size.
+        Not after every tensor: reopening a file costs a little."""
+        if self.read_bytes >= every:
+            for s in self.sources:
+                s.close()
+            self.read_bytes = 0
+
+    def delta(self, d: Delta) -> Tensor:
+        return lora_delta(self.compute(d.a), self.compute(d.b), d.scaling)
+
+    def label(self, i: int) -> str:
+        return str(self.sources[i].path)
+
+
+# ---------------------------------------------------------------- running steps
+
+
+def run_step(step: Step, rd: _Reader, gen: torch.Generator | None) -> dict[str, Tensor]:
+    """One plan step -> its output tensor(s)."""
+    if isinstance(step, Carry):
+        return {step.out: _carry(step, rd)}
+    if isinstance(step, MergeWeights):
+        return {step.out: _merge_weights(step, rd, gen)}
+    if isinstance(step, FoldDelta):
+        return {step.out: _fold(step, rd, gen)}
+    if isinstance(step, ConcatAdapter):
+        factors = [(rd.compute(d.a), rd.compute(d.b)) for d in step.deltas]
+        coeffs = [c * d.scaling for c, d in zip(step.coeffs, step.deltas, strict=True)]
+        a, b = concat_factors(factors, coeffs)
+        return {step.out_a: a, step.out_b: b}
+    delta = _merged_delta(step.deltas, step.merge, rd, gen)
+    a, b = identity_factors(delta, step.rank)
+    return {step.out_a: a, step.out_b: b}
+
+
+def _carry(step: Carry, rd: _Reader) -> Tensor:
+    t = rd.raw(step.ref)
+    for other in step.same_as:
+        u = rd.raw(other)
+        if u.dtype != t.dtype or not torch.equal(u, t):
+            raise MergeError(
+                f"sources do not share one base LLM: {step.ref.name} differs between "
+                f"{rd.label(step.ref.source)} and {rd.label(other.source)}",
+                hint="compose models fine-tuned from one base; to merge different LLM weights "
+                "give base_model and a task-vector method (task_arithmetic, ties, ...)",
+            )
+    return t
+
+
+def _merge_weights(step: MergeWeights, rd: _Reader, gen: torch.Generator | None) -> Tensor:
+    inputs = [rd.compute(r) for r in step.inputs]
+    for i, d in enumerate(step.deltas):
+        if d is not None:  # a shared LoRA's effective weight: W_i + dW_i
+            inputs[i] = (_work(inputs[i]) + rd.delta(d)).to(inputs[i].dtype)
+    base = rd.compute(step.base) if step.base is not None else None
+    return _call(step.merge, inputs, base, gen, step.out)
+
+
+def _fold(step: FoldDelta, rd: _Reader, gen: torch.Generator | None) -> Tensor:
+    base = _carry(step.base, rd) if isinstance(step.base, Carry) else None
+    if base is None:
+        base = _merge_weights(step.base, rd, gen)  # type: ignore[arg-type]
+    delta = _merged_delta(step.deltas, step.merge, rd, gen)
+    return (_work(base.to(delta.device)) + delta).to(base.dtype)
+
+
+def _merged_delta(
+    deltas: Sequence[Delta], merge: BoundMerge, rd: _Reader, gen: torch.Generator | None
+) -> Tensor:
+    """The method over dense deltas dW_i as task vectors (base=None)."""
+    return _call(merge, [rd.delta(d) for d in deltas], None, gen, deltas[0].a.name)
+
+
+def _call(
+    merge: BoundMerge,
+    tensors: list[Tensor],
+    base: Tensor | None,
+    gen: torch.Generator | None,
+    name: str,
+) -> Tensor:
+    try:
+        return merge(tensors, base, generator=gen)
+    except MergeError as e:
+        raise MergeError(f"{name}: {e.message}", hint=e.hint) from None
+
+
+# ---------------------------------------------------------------- writing shards
+
+
+def _write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write one shard file (a seam for tests that interrupt a merge)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+class _ShardWriter:
+    """Collects output tensors into the shards the plan laid out; writes each when full."""
+
+    def __init__(self, folder: Path, outputs: Sequence[OutputTensor], cap: int, meta: dict) -> None:
+        self.folder, self.meta = folder, meta
+        self.specs = {o.name: o for o in outputs}
+        groups = plan_shards(((o.name, o.nbytes) for o in outputs), cap)
+        self.files = shard_names(len(groups)) if outputs else []
+        self.groups = groups if outputs else []
+        self.shard_of = {n: g for g, names in enumerate(self.groups) for n in names}
+        self.pending: dict[int, dict[str, Tensor]] = {}
+
+    def add(self, name: str, t: Tensor) -> None:
+        spec = self.specs[name]
+        if tuple(t.shape) != spec.shape:
+            raise MergeError(f"internal: {name} came out {list(t.shape)}, planned {spec.shape}")
+        g = self.shard_of[name]
+        self.pending.setdefault(g, {})[name] = t.detach().to("cpu", spec.dtype)
+        if len(self.pending[g]) == len(self.groups[g]):
+            _write_shard(self.folder / self.files[g], self.pending.pop(g), self.meta)
+
+    def finish(self) -> list[str]:
+        if self.pending:
+            missing = [n for g in self.pending for n in self.groups[g] if n not in self.pending[g]]
+            raise MergeError(f"internal: tensors never produced: {missing[:5]}")
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": sum(o.nbytes for o in self.specs.values())},
+                "weight_map": {n: self.files[self.shard_of[n]] for n in self.specs},
+            }
+            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return list(self.files)
+
+
+# ---------------------------------------------------------------- the folder around them
+
+
+def _write_configs(plan: Plan, folder: Path) -> None:
+    if plan.output_format == "hf":
+        text = dict(plan.output_config.text_config)
+        if plan.out_dtype is not None:
+            text["dtype"] = str(plan.out_dtype).removeprefix("torch.")
+        (folder / CONFIG_NAME).write_text(json.dumps(text, indent=2) + "\n")
+    else:
+        (folder / CONFIG_NAME).write_text(plan.output_config.to_json())
+        proc = {
+            "processor_class": "MMProcessor",
+            "use_chat_template": plan.use_chat_template,
+            "encoders": {
+                t.modality: t.encoder.model_dump(mode="json") for t in plan.output_config.towers
+            },
+        }
+        (folder / PROCESSOR_CONFIG).write_text(json.dumps(proc, indent=2) + "\n")
+    if plan.tokenizer_dir is not None:
+        for f in TOKENIZER_FILES:
+            if (plan.tokenizer_dir / f).is_file():
+                shutil.copyfile(plan.tokenizer_dir / f, folder / f)
+
+
+def report(plan: Plan, files: Sequence[str] = (), warns: Sequence[str] = ()) -> dict[str, Any]:
+    """The composition report: every tensor merged, carried or dropped, and the config."""
+    label = [str(s.path) for s in plan.sources]
+    tensors = [
+        {
+            "name": o.name,
+            "action": o.action,
+            "sources": [label[i] for i in o.sources],
+            "method": o.method,
+            "shape": list(o.shape),
+            "dtype": str(o.dtype).removeprefix("torch."),
+            **({"note": o.note} if o.note else {}),
+        }
+        for o in plan.outputs
+    ]
+    dropped = [
+        {"name": d.name, "action": "dropped", "sources": [label[d.source]], "reason": d.reason}
+        for d in plan.dropped
+    ]
+    return {
+        "merge_method": plan.config.merge_method,
+        "composition": plan.mode,
+        "output_format": plan.output_format,
+        "config": plan.config.to_json_dict(),
+        "sources": plan.labels,
+        "counts": plan.counts(),
+        "files": list(files),
+        "warnings": list(warns),
+        "tensors": tensors + dropped,
+    }
+
+
+@dataclass
+class ComposeResult:
+    """What ``compose`` did (or, for a dry run, would do)."""
+
+    plan: Plan
+    out_dir: Path
+    written: bool
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        tail = (
+            f"wrote {self.out_dir} ({len(self.files)} weight file(s)) in {self.seconds:.1f} s"
+            if self.written
+            else f"dry run: nothing written (output would go to {self.out_dir})"
+        )
+        warns = [f"warning: {w}" for w in self.warnings]
+        return "\n".join([self.plan.summary(), *warns, tail])
+
+
+def _device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def _execute(plan: Plan, folder: Path, dev: torch.device, allow_nonfinite: bool, progress: bool):
+    rd = _Reader(plan, dev, allow_nonfinite)
+    meta = {"format": "pt"} | ({"mmcompose": "1"} if plan.output_format == "mmcompose" else {})
+    writer = _ShardWriter(folder, plan.outputs, plan.config.shard_bytes, meta)
+    gen = None
+    if plan.config.seed is not None:
+        gen = torch.Generator(device=dev).manual_seed(plan.config.seed)
+    for step in _progress(plan.steps, progress):
+        for name, t in run_step(step, rd, gen).items():
+            writer.add(name, t)
+        rd.release(min(plan.config.shard_bytes, _RELEASE_BYTES))
+    return writer.finish(), rd.warnings
+
+
+def _progress(steps: Sequence[Step], enabled: bool) -> Iterable[Step]:
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc="compose", unit="tensor", leave=False)
+
+
+def compose(
+    config: ComposeConfig | str | Path,
+    out_dir: str | Path,
+    *,
+    dry_run: bool = False,
+    device: str | torch.device = "cpu",
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = True,
+) -> ComposeResult:
+    """Plan and write a composed checkpoint at ``out_dir`` (nothing there on any failure)."""
+    if not isinstance(config, ComposeConfig):
+        config = load_compose_config(config)
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    dev = _device(device)
+    inputs = open_inputs(config)
+    try:
+        plan = plan_composition(config, inputs)
+        if dry_run:
+            return ComposeResult(plan, out_dir, written=False)
+        with atomic_dir(out_dir, overwrite=force) as tmp:
+            files, warns = _execute(plan, tmp, dev, allow_nonfinite, progress)
+            _write_configs(plan, tmp)
+            text = json.dumps(report(plan, files, warns), indent=2, default=str) + "\n"
+            (tmp / REPORT_NAME).write_text(text)
+        return ComposeResult(plan, out_dir, True, files, warns, time.perf_counter() - start)
+    finally:
+        for s in [*inputs.models, inputs.base]:
+            if s is not None:
+                s.close()
+
+
+def run_from_yaml(
+    config_path: str | Path,
+    out_dir: str | Path,
+    dry_run: bool = False,
+    device: str = "cpu",
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = True,
+) -> ComposeResult:
+    """The ``mmcompose compose CONFIG.yaml -o OUT`` command."""
+    return compose(
+        load_compose_config(config_path),
+        out_dir,
+        dry_run=dry_run,
+        device=device,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        progress=progress,
+    )
+
+
+# ---------------------------------------------------------------- in memory (lambda search)
+
+
+@torch.no_grad()
+def apply_text_merge(
+    model: torch.nn.Module, sources: Sequence[Source], weights: Sequence[float]
+) -> None:
+    """Set a loaded model's ``text`` adapters to ``sum_i w_i dW_i^text`` of ``sources``,
+    in place and exactly (concatenated factors), without writing a checkpoint.
+
+    The model must hold a text adapter of rank ``sum_i r_i``, as a ``linear`` or
+    ``task_arithmetic`` DAMC composition of the same sources writes; cheap enough to call
+    once per candidate lambda vector.
+    """
+    from mmcompose.model.lora import lora_layers
+
+    if len(weights) != len(sources):
+        raise MergeError(f"{len(weights)} weights for {len(sources)} sources")
+    prefix = "language_model."
+    for name, layer in lora_layers(model.language_model):  # type: ignore[attr-defined]
+        if TEXT_ADAPTER not in layer.lora:
+            continue
+        factors, coeffs = [], []
+        for src, w in zip(sources, weights, strict=True):
+            key = f"{prefix}{name}.lora.{TEXT_ADAPTER}"
+            spec = src.config.lora.adapters[TEXT_ADAPTER] if src.config.lora else None
+            if spec is None or f"{key}.lora_A" not in src:
+                raise MergeError(f"{src.path} has no text adapter on {name}")
+            factors.append((src.get(f"{key}.lora_A"), src.get(f"{key}.lora_B")))
+            coeffs.append(w * spec.scaling)
+        a, b = concat_factors(factors, coeffs)
+        adapter = layer.lora[TEXT_ADAPTER]
+        if adapter.lora_A.shape != a.shape:
+            raise MergeError(
+                f"{name}: text adapter has rank {adapter.rank}, the sources need {a.shape[0]}",
+                hint="load a model composed from these sources with linear/task_arithmetic",
+            )
+        adapter.lora_A.copy_(a)
+        adapter.lora_B.copy_(b / adapter.scaling)
