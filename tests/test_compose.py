@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mmcompose.compose import run_from_yaml
 from mmcompose.compose import executor as ex
+from mmcompose.compose import run_from_yaml
 from mmcompose.compose.methods import MERGE_METHODS
 from mmcompose.errors import CheckpointError, ConfigError, MergeError, UnknownNameError
 from mmcompose.fs import OutputExistsError

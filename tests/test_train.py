@@ -35,14 +35,30 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         arr = np.clip(np.array(color) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
         p = d / f"img{i}.png"
         Image.fromarray(arr).save(p)
-        rows.append({"id": f"i{i}", "path": str(p), "modality": "image", "label": label, "caption": f"a {label} square"})
+        rows.append(
+            {
+                "id": f"i{i}",
+                "path": str(p),
+                "modality": "image",
+                "label": label,
+                "caption": f"a {label} square",
+            }
+        )
     (d / "data.json").write_text(json.dumps(conversations_from_manifest(rows, "label", seed=0)))
     (d / "caps.json").write_text(json.dumps(conversations_from_manifest(rows, "caption", seed=0)))
     cfg = {
         "base_llm": str(llm),
         "data": "data.json",
-        "tower": {"modality": "image", "encoder": {"name": "patch_embed", "params": {"image_size": 32, "patch_size": 8, "width": 32}},
-                  "projector": {"name": "mlp2x_gelu"}, "num_prefix": 2, "num_suffix": 2},
+        "tower": {
+            "modality": "image",
+            "encoder": {
+                "name": "patch_embed",
+                "params": {"image_size": 32, "patch_size": 8, "width": 32},
+            },
+            "projector": {"name": "mlp2x_gelu"},
+            "num_prefix": 2,
+            "num_suffix": 2,
+        },
         "lora": {"strategy": "decoupled", "rank": 4, "alpha": 8, "dropout": 0.1},
         "stage1": {"epochs": 1, "lr": 3e-3, "batch_size": 6, "data": "caps.json"},
         "stage2": {"epochs": 4, "lr": 1e-2, "batch_size": 6},
@@ -61,8 +77,15 @@ def test_labels_cover_only_answers():
     from mmcompose.model.processor import MMProcessor
 
     proc = MMProcessor(tiny_tokenizer(), {"image": {"name": "patch_embed"}})
-    rec = {"id": "x", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a dog"},
-                                         {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]}
+    rec = {
+        "id": "x",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"},
+            {"from": "gpt", "value": "a dog"},
+            {"from": "human", "value": "Sure?"},
+            {"from": "gpt", "value": "yes"},
+        ],
+    }
     ex = encode_example(proc, rec)
     labelled = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE_INDEX]
     text = proc.tokenizer.decode(labelled)
@@ -94,7 +117,12 @@ def test_train_lowers_loss_and_writes_a_model(setup):
     base = MMComposeForCausalLM.from_base_llm(setup["dir"] / "llm")
     w = "language_model.model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(model.state_dict()[w], base.state_dict()[w])
-    assert model.state_dict()["language_model.model.layers.0.mlp.up_proj.lora.image.lora_B"].abs().sum() > 0
+    assert (
+        model.state_dict()["language_model.model.layers.0.mlp.up_proj.lora.image.lora_B"]
+        .abs()
+        .sum()
+        > 0
+    )
     # Rerun on cached features gives the same model (seeded).
     out2 = setup["dir"] / "out2"
     train(cfg, out2, config_dir=setup["dir"], progress=False)
@@ -140,22 +168,56 @@ def test_two_processes_equal_one(setup, tmp_path):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "mmcompose", "train", str(cfg_path), "-o", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "mmcompose", "train", str(cfg_path), "-o", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "mmcompose", "train", str(cfg_path), "-o", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "mmcompose",
+            "train",
+            str(cfg_path),
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     # Same losses step by step, and the same weights up to float summation order (which Adam
     # amplifies a little over the run; a wrong reduction differs by orders of magnitude more).
-    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    la = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()
+    ]
+    lb = [
+        json.loads(x)["loss"]
+        for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
+    ]
     assert len(la) == len(lb) == 20
     np.testing.assert_allclose(la, lb, rtol=1e-4)
     a = MMComposeForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     b = MMComposeForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=0, msg=k)
-    assert any(not torch.equal(a[k], MMComposeForCausalLM.from_base_llm(setup["dir"] / "llm").state_dict().get(k, a[k]))
-               for k in a if ".lora." in k)
+    assert any(
+        not torch.equal(
+            a[k], MMComposeForCausalLM.from_base_llm(setup["dir"] / "llm").state_dict().get(k, a[k])
+        )
+        for k in a
+        if ".lora." in k
+    )

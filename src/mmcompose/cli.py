@@ -184,6 +184,7 @@ def assets_prepare(
 ) -> None:
     """Prepare offline assets in the cache (installs nothing; names what is missing)."""
     from mmcompose.assets import prepare_base_llm
+    from mmcompose.assets.datasets import DATASETS, prepare_datasets
     from mmcompose.assets.encoders import prepare_efficientnet_lite0, prepare_whisper_tiny_en
     from mmcompose.errors import UnknownNameError
 
@@ -191,7 +192,7 @@ def assets_prepare(
         "base_llm": lambda: prepare_base_llm(force=force),
         "efficientnet_lite0": lambda: prepare_efficientnet_lite0(force=force),
         "whisper_tiny_en": lambda: prepare_whisper_tiny_en(force=force),
-    }
+    } | {name: (lambda n=name: prepare_datasets(only=[n], force=force)[n]) for name in DATASETS}
     names = only or list(preparers)
     for name in names:
         if name not in preparers:

@@ -1,8 +1,8 @@
 """``mmcompose quickstart``: the main job end to end on the offline default assets.
 
-Today (foundation stage) it prepares the real base LLM (SmolLM2-135M-Instruct), builds a
-composed model around it with image, audio and point-cloud towers and decoupled (DAMC-style)
-LoRA adapters, saves it, reloads it, checks the round trip is bit-exact, and generates from a
+Today it prepares the real base LLM (SmolLM2-135M-Instruct) and the pretrained encoders
+(EfficientNet-Lite0, Whisper tiny.en), builds a composed model around them with image, audio
+and point-cloud towers and decoupled (DAMC-style) LoRA adapters, saves it, reloads it, checks the round trip is bit-exact, and generates from a
 text prompt and from a prompt that holds all three modalities. The towers are not trained yet
 (that is the training issue's job), so the multimodal answer shows the plumbing, not
 understanding.
@@ -22,30 +22,28 @@ DEFAULT_OUT = Path("runs/quickstart")
 
 
 def default_towers() -> list[TowerConfig]:
-    """Small random towers (pretrained encoders arrive with the assets issue)."""
+    """Pretrained image and audio encoders from the offline assets; a PointNet for points
+    (no pretrained point encoder exists offline). Projectors are untrained until the training
+    stage runs."""
+    tokens = {"num_prefix": 5, "num_suffix": 5}
     return [
         TowerConfig(
             modality="image",
-            encoder=ModuleSpec(
-                name="patch_embed", params={"image_size": 224, "patch_size": 32, "width": 256}
-            ),
+            encoder=ModuleSpec(name="efficientnet_lite0"),
             projector=ModuleSpec(name="mlp2x_gelu"),
-            num_prefix=5,
-            num_suffix=5,
+            **tokens,
         ),
         TowerConfig(
             modality="audio",
-            encoder=ModuleSpec(name="mel_conv", params={"n_frames": 1000, "width": 256}),
-            projector=ModuleSpec(name="qformer", params={"num_queries": 16, "num_heads": 4}),
-            num_prefix=5,
-            num_suffix=5,
+            encoder=ModuleSpec(name="whisper_tiny_en", params={"seconds": 5, "pool": 10}),
+            projector=ModuleSpec(name="mlp2x_gelu"),
+            **tokens,
         ),
         TowerConfig(
             modality="point",
             encoder=ModuleSpec(name="pointnet", params={"num_points": 1024, "num_groups": 32}),
             projector=ModuleSpec(name="mlp2x_gelu"),
-            num_prefix=5,
-            num_suffix=5,
+            **tokens,
         ),
     ]
 
@@ -97,8 +95,11 @@ def run_quickstart(
         report.timings[name] = now - clock
         clock = now
 
+    from mmcompose.assets.encoders import prepare_encoders
+
     llm_dir = prepare_base_llm()
-    lap("prepare base LLM")
+    prepare_encoders()
+    lap("prepare assets")
     torch.manual_seed(seed)
     lora = LoRAConfig(
         strategy="decoupled",
