@@ -102,3 +102,30 @@ def test_entry_point_exits_2_without_traceback(tmp_path):
     r = run_subprocess("inspect", str(tmp_path))
     assert r.returncode == 2
     assert "no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_compose_command(run, tmp_path):
+    from mmcompose.model import MMComposeForCausalLM
+    from mmcompose.testing import build_tiny_model
+
+    for i, m in enumerate(("image", "audio")):
+        model, proc = build_tiny_model((m,), strategy="decoupled", seed=0, adapter_seed=i + 1)
+        model.save_pretrained(tmp_path / m, processor=proc)
+    cfg = tmp_path / "damc.yaml"
+    cfg.write_text(
+        "merge_method: linear\ncomposition: damc\nmodels:\n"
+        "  - model: image\n    parameters: {weight: 0.6}\n"
+        "  - model: audio\n    parameters: {weight: 0.4}\n"
+    )
+    out = tmp_path / "out"
+    r = run("compose", str(cfg), "-o", str(out), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "image" in r.stdout and not out.exists()
+    r = run("compose", str(cfg), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert MMComposeForCausalLM.from_pretrained(out).modalities == ["image", "audio"]
+    r = run("compose", str(cfg), "-o", str(out))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    cfg.write_text(cfg.read_text().replace("parameters: {weight: 0.4}", "parameters: {}"))
+    r = run("compose", str(cfg), "-o", str(tmp_path / "out2"))
+    assert r.returncode == 2 and "weight" in r.stderr and not (tmp_path / "out2").exists()

@@ -381,3 +381,21 @@ def test_adapter_modules_are_lora(decoupled):
     assert all(
         isinstance(a, LoRAAdapter) for _, layer in lora_layers(model) for a in layer.lora.values()
     )
+
+
+def test_score_continuations_matches_full_forward(decoupled):
+    model, proc = decoupled
+    raw = tiny_inputs()
+    batch = proc(["<image> name it"], {"image": [raw["image"]]})
+    conts = [[40, 41, 42], [50], [60, 61]]
+    scores = model.score_continuations(
+        batch["input_ids"], conts, batch["attention_mask"], batch["modal_inputs"]
+    )
+    for c, s in zip(conts, scores, strict=True):
+        ids = torch.cat([batch["input_ids"], torch.tensor([c])], dim=1)
+        with torch.no_grad():
+            logp = model(ids, modal_inputs=batch["modal_inputs"]).logits.log_softmax(-1)[0]
+        n = len(c)
+        ref = sum(logp[-n - 1 + j, c[j]] for j in range(n))
+        torch.testing.assert_close(s, ref, atol=1e-4, rtol=1e-5)
+    assert scores.shape == (3,) and len(set(scores.tolist())) == 3

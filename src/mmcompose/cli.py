@@ -204,6 +204,35 @@ def assets_prepare(
 
 
 @app.command()
+def compose(
+    config: Annotated[
+        Path, typer.Argument(help="Composition YAML (mergekit's schema + multimodal keys).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output model folder.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; write nothing.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu or cuda.")] = "cpu",
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    allow_nonfinite: Annotated[
+        bool, typer.Option(help="Warn instead of failing on NaN/Inf in an input.")
+    ] = False,
+) -> None:
+    """Compose single-modality MLLMs (NaiveMC, DAMC) or merge LLMs, streamed shard by shard."""
+    from mmcompose.compose import run_from_yaml
+
+    result = run_from_yaml(
+        config,
+        out_dir,
+        dry_run=dry_run,
+        device=device,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+    )
+    out.print(result.summary(), markup=False, highlight=False)
+
+
+@app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="Training YAML (see docs).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],

@@ -219,6 +219,48 @@ class MMComposeForCausalLM(nn.Module):
             return torch.empty(bsz, 0, dtype=torch.long, device=self.device)
         return torch.stack(out, dim=1)
 
+    @torch.no_grad()
+    def score_continuations(
+        self,
+        input_ids: Tensor,
+        continuations: Sequence[Sequence[int]],
+        attention_mask: Tensor | None = None,
+        modal_inputs: Mapping[str, Tensor] | None = None,
+        modal_features: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Sum of log-probabilities of each continuation after one prompt (batch of 1).
+
+        The prompt (with its modality blocks) is encoded once; its KV cache is repeated for
+        all candidates, which are scored in one batch: the multiple-choice scoring of
+        lm-evaluation-harness without re-running the prompt per option. Returns (K,)."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("score_continuations takes one prompt")
+        if not continuations or any(len(c) == 0 for c in continuations):
+            raise ValueError("every continuation needs at least one token")
+        sp = self.prepare_inputs(input_ids, attention_mask, modal_inputs, modal_features, padding_side="left")
+        cache = DynamicCache(config=self.language_model.config)
+        hidden = self._decode(sp.embeds, sp.attention_mask, sp.position_ids, sp.routes, cache)
+        head = self.language_model.get_output_embeddings()
+        first = head(hidden[:, -1]).float().log_softmax(-1)[0]  # (V,)
+        k, width = len(continuations), max(len(c) for c in continuations)
+        ids = torch.zeros(k, width, dtype=torch.long, device=self.device)
+        cmask = torch.zeros(k, width, dtype=torch.long, device=self.device)
+        for i, c in enumerate(continuations):
+            ids[i, : len(c)] = torch.tensor(list(c), device=self.device)
+            cmask[i, : len(c)] = 1
+        score = first[ids[:, 0]]
+        if width > 1:
+            cache.batch_repeat_interleave(k)
+            mask = torch.cat([sp.attention_mask.expand(k, -1), cmask[:, :-1]], dim=1)
+            start = sp.position_ids[0, -1] + 1
+            pos = (start + torch.arange(width - 1, device=self.device)).expand(k, -1)
+            embed = self.language_model.get_input_embeddings()
+            h = self._decode(embed(ids[:, :-1]), mask, pos, None, cache)
+            logp = head(h).float().log_softmax(-1)  # (K, width-1, V)
+            tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            score = score + (tok * cmask[:, 1:]).sum(-1)
+        return score
+
     def _default_eos(self) -> list[int]:
         return _as_list(getattr(self.language_model.config, "eos_token_id", None))
 
