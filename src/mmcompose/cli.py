@@ -252,6 +252,64 @@ def train(
     )
 
 
+@app.command("eval")
+def evaluate(
+    model_dir: ModelDir,
+    task: Annotated[str, typer.Option(help="classify")] = "classify",
+    data: Annotated[Path | None, typer.Option(help="Manifest JSONL (classify).")] = None,
+    split: Annotated[str, typer.Option(help="Manifest split to evaluate.")] = "test",
+    mode: Annotated[str, typer.Option(help="generate, loglikelihood or both.")] = "both",
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder.")] = None,
+    log_samples: Annotated[bool, typer.Option(help="Also write per-sample JSONL.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items.")] = None,
+) -> None:
+    """Evaluate a model; results follow lm-evaluation-harness's JSON layout."""
+    from mmcompose.bench.classify import classify, read_manifest
+    from mmcompose.bench.results import task_block, write_results
+    from mmcompose.errors import ConfigError
+    from mmcompose.model import MMComposeForCausalLM, MMProcessor
+
+    if task != "classify":
+        raise ConfigError(f"unknown task {task!r}", hint="tasks: classify")
+    if data is None:
+        raise ConfigError("--data MANIFEST is required for --task classify")
+    modes = ("generate", "loglikelihood") if mode == "both" else (mode,)
+    if any(m not in ("generate", "loglikelihood") for m in modes):
+        raise ConfigError(f"unknown mode {mode!r}", hint="use generate, loglikelihood or both")
+    rows = read_manifest(data, split)[:limit]
+    model = MMComposeForCausalLM.from_pretrained(model_dir)
+    processor = MMProcessor.from_pretrained(model_dir)
+    r = classify(model, processor, rows, modes=modes)
+    name = f"classify_{r.modality}"
+    block = task_block(r.correct, name)
+    t = Table("task", "n", "labels", *[k for k in r.correct], title=str(model_dir))
+    t.add_row(
+        name,
+        str(r.n),
+        str(len(r.labels)),
+        *[f"{block[k]:.3f} ± {block[k.replace(',', '_stderr,')]:.3f}" for k in r.correct],
+    )
+    out.print(t)
+    if out_dir is not None:
+        path = write_results(
+            out_dir,
+            {name: block},
+            {
+                name: {
+                    "task": name,
+                    "dataset_path": str(data),
+                    "test_split": split,
+                    "labels": r.labels,
+                    "output_type": list(modes),
+                }
+            },
+            {name: r.n},
+            {"model": "mmcompose", "model_args": f"pretrained={model_dir}", "device": "cpu"},
+            {name: r.samples} if log_samples else None,
+        )
+        out.print(f"results: {path}")
+
+
 def _n(x: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if x >= div:

@@ -237,7 +237,9 @@ class MMComposeForCausalLM(nn.Module):
             raise ValueError("score_continuations takes one prompt")
         if not continuations or any(len(c) == 0 for c in continuations):
             raise ValueError("every continuation needs at least one token")
-        sp = self.prepare_inputs(input_ids, attention_mask, modal_inputs, modal_features, padding_side="left")
+        sp = self.prepare_inputs(
+            input_ids, attention_mask, modal_inputs, modal_features, padding_side="left"
+        )
         cache = DynamicCache(config=self.language_model.config)
         hidden = self._decode(sp.embeds, sp.attention_mask, sp.position_ids, sp.routes, cache)
         head = self.language_model.get_output_embeddings()

@@ -45,7 +45,7 @@ class StageConfig(_Strict):
     batch_size: int = Field(default=8, gt=0)  # global batch
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
-    data: str | None = None  # conversation JSON; defaults to TrainConfig.data
+    data: str | list[str] | None = None  # defaults to TrainConfig.data
 
 
 class LoRASettings(_Strict):
@@ -60,7 +60,11 @@ class TrainConfig(_Strict):
 
     base_llm: str  # a Hugging Face LLM folder, or the name of a prepared base LLM
     tower: TowerConfig
-    data: str
+    # Conversation JSON (reference format), or manifest JSONL(s): stage 1 then answers with
+    # captions and stage 2 with labels, from the ``split`` rows. ``dataset:NAME`` names a
+    # prepared offline dataset.
+    data: str | list[str]
+    split: str = "train"
     lora: LoRASettings = LoRASettings()
     stage1: StageConfig = StageConfig(lr=1e-3)
     stage2: StageConfig = StageConfig(lr=2e-4)
@@ -155,10 +159,14 @@ def _lr(step: int, total: int, warmup: int, peak: float) -> float:
 
 # ----------------------------------------------------------------------------- the loop
 def _trainables(model: MMComposeForCausalLM, stage: int) -> list[torch.nn.Parameter]:
-    """Stage 1: projector and prefix/suffix tokens. Stage 2: those plus the LoRA adapters."""
+    """Stage 1: projector and prefix/suffix tokens (and an unfrozen encoder). Stage 2: those
+    plus the LoRA adapters."""
+    frozen = {m for m, t in model.towers.items() if t.cfg.freeze_encoder}
     params = []
     for name, p in model.named_parameters():
-        train = name.startswith("towers.") and ".encoder." not in name
+        train = name.startswith("towers.") and not (
+            ".encoder." in name and name.split(".")[1] in frozen
+        )
         train |= stage == 2 and ".lora." in name
         p.requires_grad_(train)
         if train:
@@ -217,10 +225,11 @@ def train(
     stages = [(1, config.stage1), (2, config.stage2)]
     datasets = {}
     for idx, st in stages:
-        records = load_conversations(config_dir / (st.data or config.data))
+        records = _records(st.data or config.data, config_dir, config.split, idx, config.seed)
         datasets[idx] = [encode_example(processor, r, config.max_length) for r in records]
     items = sorted({p for ex in (*datasets[1], *datasets[2]) for p in ex.inputs.get(m, [])})
-    if rank == 0:
+    frozen = config.tower.freeze_encoder  # only a frozen encoder's outputs can be cached
+    if rank == 0 and frozen:
         features.build(items, progress=progress)
     if world > 1:
         dist.barrier()
@@ -264,9 +273,12 @@ def train(
             loss_sum = torch.zeros(())
             if mine:
                 ids, mask, labels = _collate(mine, pad)
-                feats = [p for ex in mine for p in ex.inputs.get(m, [])]
-                modal = {m: features.get(feats)} if feats else None
-                out = model(ids, mask, modal_features=modal, labels=labels, loss_reduction="sum")
+                paths = [p for ex in mine for p in ex.inputs.get(m, [])]
+                feats = {m: features.get(paths)} if paths and frozen else None
+                raw = {m: processor.preprocess(m, paths)} if paths and not frozen else None
+                out = model(
+                    ids, mask, raw, modal_features=feats, labels=labels, loss_reduction="sum"
+                )
                 (out.loss / n_tokens).backward()
                 loss_sum = out.loss.detach()
             for p in params:
@@ -305,6 +317,29 @@ def train(
     return TrainResult(
         out_dir, step_global, time.perf_counter() - started, loss_value, _peak_rss_mb()
     )
+
+
+def _records(data: str | list[str], base: Path, split: str, stage: int, seed: int) -> list[dict]:
+    """Conversation records from a conversation JSON or from manifests (see TrainConfig.data)."""
+    from mmcompose.bench.classify import read_manifest
+    from mmcompose.train.data import conversations_from_manifest
+
+    paths = [data] if isinstance(data, str) else list(data)
+    records: list[dict] = []
+    for p in paths:
+        if p.startswith("dataset:"):
+            from mmcompose.assets.datasets import prepare_datasets
+
+            name = p.split(":", 1)[1]
+            p = str(prepare_datasets(only=[name], progress=False)[name] / "manifest.jsonl")
+        path = Path(p) if Path(p).is_absolute() else base / p
+        if path.suffix == ".jsonl":
+            rows = read_manifest(path, split)
+            style = "caption" if stage == 1 else "label"
+            records += conversations_from_manifest(rows, style, seed=seed + stage)
+        else:
+            records += load_conversations(path)
+    return records
 
 
 def _default_cache() -> Path:
