@@ -499,3 +499,26 @@ def test_real_prepare_encoders_second_call_is_instant(real_cache: None) -> None:
     assert E.prepare_encoders(progress=False) == first
     assert time.perf_counter() - started < 1.0  # a rebuild takes seconds (hashing, converting)
     assert {n: (d / MANIFEST_NAME).stat().st_mtime_ns for n, d in first.items()} == stamps
+
+
+def test_whisper_clip_context_encodes_only_the_clip() -> None:
+    """``context="clip"`` runs the layers on the clip's frames alone (no 30 s padding)."""
+    import torch
+
+    from mmcompose.model.config import ModuleSpec
+    from mmcompose.model.encoders import build_encoder
+
+    spec = {"pretrained": False, "seconds": 2, "pool": 10}
+    window = build_encoder(ModuleSpec(name="whisper_tiny_en", params=spec)).eval()
+    clip = build_encoder(
+        ModuleSpec(name="whisper_tiny_en", params=spec | {"context": "clip"})
+    ).eval()
+    clip.load_state_dict(window.state_dict())
+    x = torch.randn(2, 80, 3000)
+    seen = []
+    clip.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    with torch.no_grad():
+        a, b = window(x), clip(x)
+    assert a.shape == b.shape == (2, 10, 384)
+    assert seen == [100]  # 2 s = 100 encoder frames, not 1500
+    assert not torch.allclose(a, b)  # attention context differs from the padded window

@@ -17,8 +17,14 @@ from mmcompose.testing import build_tiny_model
 
 @pytest.mark.parametrize(
     ("pred", "label", "ok"),
-    [("cow", "cow", True), ("A cow.", "cow", True), ("cow, grazing", "cow", True),
-     ("cowboy", "cow", False), ("the teddy bear", "teddy bear", True), ("dog", "cow", False)],
+    [
+        ("cow", "cow", True),
+        ("A cow.", "cow", True),
+        ("cow, grazing", "cow", True),
+        ("cowboy", "cow", False),
+        ("the teddy bear", "teddy bear", True),
+        ("dog", "cow", False),
+    ],
 )
 def test_generation_parsing(pred, label, ok):
     assert generation_correct(pred, label) is ok
@@ -30,8 +36,9 @@ def test_stderr_and_layout(tmp_path):
     assert m == 0.75 and math.isclose(se, math.sqrt(0.25 / 4))
     block = task_block({"acc,generate": [1, 0, 1, 1]}, "t")
     assert block["acc,generate"] == 0.75 and "acc_stderr,generate" in block
-    path = write_results(tmp_path, {"t": block}, {"t": {"task": "t"}}, {"t": 4}, {"model": "x"},
-                         {"t": [{"id": 1}]})
+    path = write_results(
+        tmp_path, {"t": block}, {"t": {"task": "t"}}, {"t": 4}, {"model": "x"}, {"t": [{"id": 1}]}
+    )
     doc = json.loads(path.read_text())
     assert set(doc) >= {"results", "configs", "versions", "n-samples", "config", "date"}
     assert doc["n-samples"]["t"] == {"original": 4, "effective": 4}
@@ -44,7 +51,9 @@ def test_classify_tiny_model(tmp_path):
     for i, lab in enumerate(["red", "blue", "red"]):
         p = tmp_path / f"{i}.png"
         Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(p)
-        rows.append({"id": str(i), "path": str(p), "modality": "image", "label": lab, "split": "test"})
+        rows.append(
+            {"id": str(i), "path": str(p), "modality": "image", "label": lab, "split": "test"}
+        )
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rows = read_manifest(tmp_path / "m.jsonl", "test")
     r = classify(model, proc, rows, progress=False)
@@ -52,7 +61,9 @@ def test_classify_tiny_model(tmp_path):
     # The log-likelihood choice is the argmax of the per-label scores.
     for s, row in zip(r.samples, rows, strict=True):
         assert s["loglikelihood_choice"] in r.labels
-        assert r.correct["acc,loglikelihood"][int(row["id"])] == float(s["loglikelihood_choice"] == row["label"])
+        assert r.correct["acc,loglikelihood"][int(row["id"])] == float(
+            s["loglikelihood_choice"] == row["label"]
+        )
     with pytest.raises(MMComposeError, match="no items in split 'val'"):
         read_manifest(tmp_path / "m.jsonl", "val")
     audio_only, aproc = build_tiny_model(("audio",), strategy="shared")

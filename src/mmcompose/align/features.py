@@ -229,7 +229,9 @@ class ModalityFeatures:
         return tokens.to(device), mask.to(device)
 
     @classmethod
-    def from_token_list(cls, items: Sequence[np.ndarray], dtype: Any = np.float16) -> ModalityFeatures:
+    def from_token_list(
+        cls, items: Sequence[np.ndarray], dtype: Any = np.float16
+    ) -> ModalityFeatures:
         """Pad a list of (L_i, d) arrays; pool in float32 before casting."""
         if not items:
             raise ValueError("no items")
@@ -263,7 +265,11 @@ def store_key(ref: EncoderRef, ids: Sequence[str], inputs: Sequence[Any]) -> str
     """Hash of the encoder (name + params) and the data (ids and input fingerprints)."""
     is_text = encoder_modality(ref.name) == "text"
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT, "name": ref.name, "params": ref.params}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"format": FORMAT, "name": ref.name, "params": ref.params}, sort_keys=True
+        ).encode()
+    )
     for i, x in zip(ids, inputs, strict=True):
         h.update(f"{i}\0{_input_fingerprint(x, is_text)}\n".encode())
     return h.hexdigest()[:16]
@@ -305,7 +311,9 @@ class FeatureStore:
                     try:
                         arrays.append(np.load(file, mmap_mode="r"))
                     except (OSError, ValueError) as exc:
-                        raise CheckpointError(f"feature store shard {file} unreadable: {exc}") from None
+                        raise CheckpointError(
+                            f"feature store shard {file} unreadable: {exc}"
+                        ) from None
                 parts.append(ModalityFeatures(*arrays))
             if len(parts) == 1:
                 self._features = parts[0]
@@ -328,13 +336,21 @@ class FeatureStore:
         try:
             return np.array([where[i] for i in ids], dtype=np.int64)
         except KeyError as exc:
-            raise CheckpointError(f"id {exc.args[0]!r} is not in feature store {self.path}") from None
+            raise CheckpointError(
+                f"id {exc.args[0]!r} is not in feature store {self.path}"
+            ) from None
 
 
 def _write_shard(folder: Path, n: int, feats: ModalityFeatures) -> dict[str, str]:
     names = {k: f"{k}-{n:05d}.npy" for k in ("tokens", "lengths", "pooled")}
-    for kind, array in (("tokens", feats.tokens), ("lengths", feats.lengths), ("pooled", feats.pooled)):
-        out = np.lib.format.open_memmap(folder / names[kind], mode="w+", dtype=array.dtype, shape=array.shape)
+    for kind, array in (
+        ("tokens", feats.tokens),
+        ("lengths", feats.lengths),
+        ("pooled", feats.pooled),
+    ):
+        out = np.lib.format.open_memmap(
+            folder / names[kind], mode="w+", dtype=array.dtype, shape=array.shape
+        )
         out[...] = array
         out.flush()
         del out
@@ -374,7 +390,12 @@ def build_feature_store(
         first.setdefault(fp, x)
     unique = list(first)
     encoded: dict[str, np.ndarray] = {}
-    bar = tqdm(total=len(unique), desc=f"encoding {enc.modality} ({ref.name})", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(unique),
+        desc=f"encoding {enc.modality} ({ref.name})",
+        disable=not progress,
+        file=sys.stderr,
+    )
     for s in range(0, len(unique), ref.batch_size):
         chunk = unique[s : s + ref.batch_size]
         for fp, tokens in zip(chunk, enc.encode([first[f] for f in chunk]), strict=True):

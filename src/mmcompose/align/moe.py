@@ -270,9 +270,7 @@ class AltMoEConnector(nn.Module):
 
     def target_cl(self, direction: Direction, pooled_target: Tensor) -> Tensor:
         """The contrastive target: Linear(d_tgt -> H) of the target's pooled latent (B, H)."""
-        return self.tgt_proj[direction_name(self.directions[self._index(direction)])](
-            pooled_target
-        )
+        return self.tgt_proj[direction_name(self.directions[self._index(direction)])](pooled_target)
 
     def direction_parameters(self, direction: Direction) -> list[nn.Parameter]:
         """Parameters owned by one direction (heads, target projection), for tests and logging."""

@@ -146,7 +146,9 @@ class FaissStore(VectorStore):
             raise self._corrupt(f"data file {path.name} is missing")
         size = path.stat().st_size
         if size != rec["size"]:
-            raise self._corrupt(f"data file {path.name} has {size} bytes, header says {rec['size']}")
+            raise self._corrupt(
+                f"data file {path.name} has {size} bytes, header says {rec['size']}"
+            )
         if verify and _sha256(path) != rec["sha256"]:
             raise self._corrupt(f"data file {path.name} fails its SHA-256 check")
 

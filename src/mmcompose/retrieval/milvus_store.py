@@ -1,0 +1,253 @@
+"""Milvus backend: Milvus Lite in a local file by default; the same client code reaches a
+Milvus server or cluster when the store is created with ``uri="http://host:19530"``.
+
+Layout: ``store.json`` + ``milvus.db`` (Milvus Lite) or, with a server URI, only the header
+(the vectors live in the server's collection named in the header).
+
+Milvus has no multi-batch transaction, so atomicity is done here with generations: every row
+carries the ``gen`` of the add that wrote it, the header names the last committed generation,
+and every search filters ``gen <= committed``. An add inserts its rows with ``gen + 1``,
+flushes, then replaces the header (the commit point). Rows of a crashed add stay invisible
+and are deleted by the next add. Milvus Lite builds only FLAT indexes whatever is asked
+(documented Lite limitation); the index parameters take effect on a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmcompose.retrieval.base import (
+    BackendUnavailableError,
+    CorruptStoreError,
+    RetrievalError,
+    SearchResult,
+    StoreHeader,
+    VectorStore,
+    backends,
+    result_from_positions,
+)
+
+try:
+    from pymilvus import DataType, MilvusClient
+except ImportError:  # pragma: no cover - exercised only without the retrieval extra
+    MilvusClient = None
+
+__all__ = ["MilvusStore"]
+
+LITE_FILE = "milvus.db"
+_BATCH = 5000
+_ID_CHUNK = 1000
+_INDEX_TYPES = {"flat": "FLAT", "hnsw": "HNSW", "ivfpq": "IVF_PQ"}
+_MILVUS_ERRORS: tuple[type[BaseException], ...] = (Exception,)  # pymilvus raises many kinds
+
+
+def _after_step(step: str) -> None:
+    """Called between the steps of an add; tests replace it to inject a crash there."""
+
+
+def _lite_available() -> bool:
+    try:
+        import milvus_lite  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@backends.register("milvus")
+class MilvusStore(VectorStore):
+    """Rows ``(pk, vector, gen, meta JSON)`` in one Milvus collection."""
+
+    name = "milvus"
+    index_kinds = ("flat", "hnsw", "ivfpq")
+    default_params = {  # noqa: RUF012 - read-only class constant
+        "flat": {},
+        "hnsw": {"M": 32, "ef_construction": 200, "ef_search": 64},
+        "ivfpq": {"nlist": 256, "m": 48, "nbits": 8, "nprobe": 16},
+    }
+
+    @classmethod
+    def _check_available(cls) -> None:
+        if MilvusClient is None:
+            raise BackendUnavailableError(
+                "the milvus backend needs the pymilvus package",
+                hint="pip install 'mmcompose[retrieval]' milvus-lite",
+            )
+
+    # ------------------------------------------------------------------ connection
+
+    @staticmethod
+    def _connect(uri: str, token: str | None = None) -> Any:
+        if uri.endswith(".db") and not _lite_available():
+            raise BackendUnavailableError(
+                "a local Milvus store needs Milvus Lite, which is not installed or not "
+                "available on this platform",
+                hint="pip install milvus-lite (Linux/macOS), or create the store with "
+                "uri='http://HOST:19530' to use a Milvus server",
+            )
+        try:
+            return MilvusClient(uri=uri, token=token or "")
+        except _MILVUS_ERRORS as exc:
+            raise BackendUnavailableError(
+                f"cannot reach Milvus at {uri} ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _uri(self) -> str:
+        return self.header.state.get("uri") or str(self.path / LITE_FILE)
+
+    @classmethod
+    def _metric(cls, header: StoreHeader) -> str:
+        return "L2" if header.metric == "l2" else "IP"
+
+    @classmethod
+    def _init_storage(cls, tmp: Path, header: StoreHeader, **options: Any) -> dict[str, Any]:
+        uri = options.pop("uri", None)
+        collection = options.pop("collection", "mmcompose_vectors")
+        token = options.pop("token", None)
+        if options:
+            raise RetrievalError(f"unknown milvus store option(s): {sorted(options)}")
+        client = cls._connect(uri or str(tmp / LITE_FILE), token)
+        try:
+            if client.has_collection(collection):
+                raise RetrievalError(f"Milvus at {uri} already has a collection {collection!r}")
+            client.create_collection(
+                collection,
+                schema=cls._schema(client, header),
+                index_params=cls._index(client, header),
+            )
+        finally:
+            client.close()
+        return {"uri": uri, "collection": collection, "generation": 0}
+
+    @classmethod
+    def _schema(cls, client: Any, header: StoreHeader) -> Any:
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=1024)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=header.dim)
+        schema.add_field("gen", DataType.INT64)
+        schema.add_field("meta", DataType.JSON, nullable=True)
+        return schema
+
+    @classmethod
+    def _index(cls, client: Any, header: StoreHeader) -> Any:
+        p = header.index_params
+        params: dict[str, Any] = {}
+        if header.index == "hnsw":
+            params = {"M": int(p["M"]), "efConstruction": int(p["ef_construction"])}
+        elif header.index == "ivfpq":
+            params = {"nlist": int(p["nlist"]), "m": int(p["m"]), "nbits": int(p["nbits"])}
+        index = client.prepare_index_params()
+        index.add_index(
+            field_name="vector",
+            index_type=_INDEX_TYPES[header.index],
+            metric_type=cls._metric(header),
+            params=params,
+        )
+        return index
+
+    # ------------------------------------------------------------------ open / close
+
+    def _corrupt(self, what: str) -> CorruptStoreError:
+        return CorruptStoreError(
+            f"vector store {self.path} is corrupt or half-written: {what}",
+            hint="restore it from a backup or rebuild it with `mmcompose index`",
+        )
+
+    def _load(self, *, verify: bool) -> None:
+        state = self.header.state
+        if not isinstance(state.get("generation"), int) or not state.get("collection"):
+            raise self._corrupt("header names no collection/generation")
+        uri = self._uri()
+        if not state.get("uri") and not Path(uri).exists():
+            raise self._corrupt(f"Milvus Lite file {LITE_FILE} is missing")
+        self.close()
+        self.client = self._connect(uri, None)
+        try:
+            ok = self.client.has_collection(state["collection"])
+            count = self._count(f"gen <= {state['generation']}") if ok else -1
+        except _MILVUS_ERRORS as exc:
+            raise self._corrupt(f"Milvus cannot read the collection ({exc})") from None
+        if not ok:
+            raise self._corrupt(f"collection {state['collection']!r} is missing")
+        if count != self.header.count:
+            raise self._corrupt(f"collection has {count} committed rows, header says {len(self)}")
+
+    def _count(self, expr: str) -> int:
+        rows = self.client.query(
+            self.header.state["collection"], filter=expr, output_fields=["count(*)"]
+        )
+        return int(rows[0]["count(*)"])
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            with contextlib.suppress(*_MILVUS_ERRORS):
+                client.close()
+            self.client = None
+
+    # ------------------------------------------------------------------ add
+
+    def _contains_any(self, ids: list[str]) -> list[str]:
+        g = int(self.header.state["generation"])
+        found: list[str] = []
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start : start + _ID_CHUNK]
+            rows = self.client.query(
+                self.header.state["collection"],
+                filter=f"gen <= {g} and pk in {chunk!r}".replace("'", '"'),
+                output_fields=["pk"],
+            )
+            found.extend(r["pk"] for r in rows)
+        return found
+
+    def _add(self, ids: list[str], vectors: np.ndarray, metadata: list[Any]) -> None:
+        coll = self.header.state["collection"]
+        g = int(self.header.state["generation"])
+        self.client.delete(coll, filter=f"gen > {g}")  # rows of an add that crashed earlier
+        for start in range(0, len(ids), _BATCH):
+            rows = [
+                {"pk": pk, "vector": vec.tolist(), "gen": g + 1, "meta": meta}
+                for pk, vec, meta in zip(
+                    ids[start : start + _BATCH],
+                    vectors[start : start + _BATCH],
+                    metadata[start : start + _BATCH],
+                    strict=True,
+                )
+            ]
+            self.client.insert(coll, rows)
+            _after_step("batch_written")
+        self.client.flush(coll)
+        _after_step("data_written")
+        self._commit_header(len(self) + len(ids), {**self.header.state, "generation": g + 1})
+
+    # ------------------------------------------------------------------ search
+
+    def _search(self, queries: np.ndarray, k: int) -> SearchResult:
+        p = self.header.index_params
+        params: dict[str, Any] = {}
+        if self.header.index == "hnsw":
+            params = {"ef": max(int(p["ef_search"]), k)}
+        elif self.header.index == "ivfpq":
+            params = {"nprobe": int(p["nprobe"])}
+        hits = self.client.search(
+            self.header.state["collection"],
+            data=queries.tolist(),
+            limit=k,
+            filter=f"gen <= {int(self.header.state['generation'])}",
+            output_fields=["meta"],
+            search_params={"metric_type": self._metric(self.header), "params": params},
+        )
+        positions = np.full((len(queries), k), -1, dtype=np.int64)
+        scores = np.full((len(queries), k), np.nan, dtype=np.float32)
+        found_ids: list[str] = []
+        found_meta: list[Any] = []
+        for i, row in enumerate(hits):
+            for j, hit in enumerate(row[:k]):
+                positions[i, j] = len(found_ids)
+                scores[i, j] = hit["distance"]
+                found_ids.append(hit["pk"])
+                found_meta.append(hit.get("entity", {}).get("meta"))
+        return result_from_positions(positions, scores, found_ids, found_meta)
