@@ -26,7 +26,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                 shapes[n] = tuple(h.get_slice(n).get_shape())
     counts: dict[str, int] = defaultdict(int)
     for name, shape in shapes.items():
-        counts[_group(name)] += prod(shape)
+        counts[param_group(name)] += prod(shape)
     text = config.text_config
     towers = [
         {
@@ -77,7 +77,8 @@ def describe(path: str | Path) -> dict[str, Any]:
     }
 
 
-def _group(name: str) -> str:
+def param_group(name: str) -> str:
+    """A tensor's part: language_model, lora.<adapter>, towers.<m>.{encoder,projector,tokens}."""
     if name.startswith("towers."):
         parts = name.split(".")
         return (

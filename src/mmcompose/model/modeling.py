@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrai
 
 from mmcompose.errors import CheckpointError, ConfigError
 from mmcompose.io import dedupe_shared, load_state_dict, save_state_dict
-from mmcompose.model.config import CONFIG_NAME, TEXT_ADAPTER, LoRAConfig, MMConfig, TowerConfig
+from mmcompose.model.config import CONFIG_NAME, LoRAConfig, MMConfig, TowerConfig
 from mmcompose.model.encoders import no_pretrained_weights
-from mmcompose.model.lora import TokenRouter, inject_lora, lora_layers
+from mmcompose.model.lora import TokenRouter, inject_lora
 from mmcompose.model.splice import IGNORE_INDEX, ROUTE_IDS, Spliced, splice
 from mmcompose.model.towers import Tower
 
@@ -272,13 +271,11 @@ class MMComposeForCausalLM(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by part (LLM base, each adapter, each tower), counted once if tied."""
+        from mmcompose.inspect import param_group
+
         counts: dict[str, int] = {}
-        seen: set[int] = set()
-        for name, p in self.named_parameters(remove_duplicate=True):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            counts[_part(name)] = counts.get(_part(name), 0) + p.numel()
+        for name, p in self.named_parameters():  # tied parameters are yielded once
+            counts[param_group(name)] = counts.get(param_group(name), 0) + p.numel()
         return counts
 
     # ------------------------------------------------------------------ save / load
@@ -361,18 +358,6 @@ class MMComposeForCausalLM(nn.Module):
             self.language_model.tie_weights()
 
 
-def _part(name: str) -> str:
-    if name.startswith("towers."):
-        return (
-            ".".join(name.split(".")[:3])
-            if ".encoder." in name or ".projector." in name
-            else (".".join(name.split(".")[:2]) + ".tokens")
-        )
-    if ".lora." in name:
-        return f"lora.{name.split('.lora.')[1].split('.')[0]}"
-    return "language_model"
-
-
 def _as_list(x: int | Sequence[int] | None) -> list[int]:
     if x is None:
         return []
@@ -402,8 +387,4 @@ def _pick(
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
 
 
-def read_config_json(path: str | Path) -> dict:
-    return json.loads((Path(path) / CONFIG_NAME).read_text())
-
-
-__all__ = ["TEXT_ADAPTER", "MMComposeForCausalLM", "MMOutput", "build_llm", "lora_layers"]
+__all__ = ["MMComposeForCausalLM", "MMOutput", "build_llm"]
