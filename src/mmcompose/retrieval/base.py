@@ -272,7 +272,7 @@ class VectorStore(ABC):
         store._load(verify=verify)
         return store
 
-    @classmethod
+    @classmethod  # noqa: B027 - optional hook
     def _check_available(cls) -> None:
         """Raise BackendUnavailableError when the backend's package cannot be used."""
 
@@ -327,7 +327,7 @@ class VectorStore(ABC):
                 hint="index the gallery again with this model, or query with the store's model",
             )
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release backend resources (connections); the default has none."""
 
     def __enter__(self) -> VectorStore:
@@ -359,7 +359,7 @@ class VectorStore(ABC):
     def _contains_any(self, ids: list[str]) -> list[str]:
         """The subset of ``ids`` already stored."""
 
-    def _check_searchable(self) -> None:
+    def _check_searchable(self) -> None:  # noqa: B027 - optional hook
         """Raise if the index cannot be searched at all (e.g. untrained)."""
 
     # ------------------------------------------------------------------ shared checks

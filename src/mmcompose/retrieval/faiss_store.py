@@ -87,7 +87,7 @@ class FaissStore(VectorStore):
     default_params = {  # noqa: RUF012 - read-only class constant
         "flat": {},
         "hnsw": {"M": 32, "ef_construction": 200, "ef_search": 64},
-        "ivfpq": {"nlist": 256, "m": None, "nbits": 8, "nprobe": 16},
+        "ivfpq": {"nlist": 256, "m": None, "nbits": 8, "nprobe": 16, "train_size": 65536},
     }
 
     # ------------------------------------------------------------------ lifecycle
@@ -156,7 +156,8 @@ class FaissStore(VectorStore):
         try:
             return faiss.read_index(str(path))
         except RuntimeError as exc:
-            raise self._corrupt(f"FAISS cannot read {path.name} ({str(exc).splitlines()[0]})")
+            first = str(exc).splitlines()[0]
+            raise self._corrupt(f"FAISS cannot read {path.name} ({first})") from None
 
     def _read_rows(self, path: Path) -> tuple[list[str], list[Any] | None]:
         try:
@@ -200,6 +201,10 @@ class FaissStore(VectorStore):
                 f"training vectors, got {len(vecs)}",
                 hint="add a larger first batch, call store.train(sample), or lower nlist",
             )
+        limit = int(p.get("train_size") or len(vecs))
+        if len(vecs) > limit:  # k-means cost grows with n; a seeded sample trains as well
+            rows = np.random.default_rng(0).choice(len(vecs), limit, replace=False)
+            vecs = vecs[np.sort(rows)]
         self.index.train(vecs)
 
     # ------------------------------------------------------------------ add / search

@@ -113,7 +113,7 @@ class LanceDBStore(VectorStore):
             count = self.table.count_rows()
             ids = self.table.to_arrow().column("id") if verify else self._id_column(count)
         except (OSError, RuntimeError, ValueError) as exc:
-            raise self._corrupt(f"Lance cannot read table {TABLE!r} ({_first_line(exc)})")
+            raise self._corrupt(f"Lance cannot read table {TABLE!r} ({_first_line(exc)})") from None
         if count != self.header.count:
             raise self._corrupt(f"table has {count} rows, header says {self.header.count}")
         self._id_set = set(ids.to_pylist())
@@ -224,7 +224,7 @@ class LanceDBStore(VectorStore):
         try:
             return builder.to_arrow()
         except (OSError, RuntimeError, ValueError) as exc:
-            raise self._corrupt(f"search failed reading the table ({_first_line(exc)})")
+            raise self._corrupt(f"search failed reading the table ({_first_line(exc)})") from None
 
 
 def _dump(meta: dict[str, Any] | None) -> str | None:

@@ -8,8 +8,8 @@ Milvus has no multi-batch transaction, so atomicity is done here with generation
 carries the ``gen`` of the add that wrote it, the header names the last committed generation,
 and every search filters ``gen <= committed``. An add inserts its rows with ``gen + 1``,
 flushes, then replaces the header (the commit point). Rows of a crashed add stay invisible
-and are deleted by the next add. Milvus Lite builds only FLAT indexes whatever is asked
-(documented Lite limitation); the index parameters take effect on a server.
+and are deleted by the next add. Milvus Lite (3.x) has FLAT and HNSW but not IVF_PQ; an
+``ivfpq`` store therefore needs a server URI and is refused locally.
 """
 
 from __future__ import annotations
@@ -47,6 +47,33 @@ _MILVUS_ERRORS: tuple[type[BaseException], ...] = (Exception,)  # pymilvus raise
 
 def _after_step(step: str) -> None:
     """Called between the steps of an add; tests replace it to inject a crash there."""
+
+
+_lite_refs: dict[str, int] = {}
+
+
+def _lite_acquire(uri: str) -> None:
+    if uri.endswith(".db"):
+        key = str(Path(uri).resolve())
+        _lite_refs[key] = _lite_refs.get(key, 0) + 1
+
+
+def _lite_release(uri: str) -> None:
+    """Stop the in-process Milvus Lite server of ``uri`` when its last store closes.
+
+    Milvus Lite keeps one server (and a lock on the data folder) per path until the process
+    exits; a store that is renamed into place or reopened elsewhere needs it gone.
+    """
+    if not uri.endswith(".db"):
+        return
+    key = str(Path(uri).resolve())
+    _lite_refs[key] = _lite_refs.get(key, 1) - 1
+    if _lite_refs[key] <= 0:
+        _lite_refs.pop(key, None)
+        with contextlib.suppress(Exception):
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(key)
 
 
 def _lite_available() -> bool:
@@ -89,11 +116,14 @@ class MilvusStore(VectorStore):
                 "uri='http://HOST:19530' to use a Milvus server",
             )
         try:
-            return MilvusClient(uri=uri, token=token or "")
+            client = MilvusClient(uri=uri, token=token or "")
         except _MILVUS_ERRORS as exc:
             raise BackendUnavailableError(
-                f"cannot reach Milvus at {uri} ({type(exc).__name__}: {exc})"
+                f"cannot reach Milvus at {uri} ({type(exc).__name__}: {exc})",
+                hint="for a local store: is another process using it? Milvus Lite allows one",
             ) from None
+        _lite_acquire(uri)
+        return client
 
     def _uri(self) -> str:
         return self.header.state.get("uri") or str(self.path / LITE_FILE)
@@ -104,12 +134,18 @@ class MilvusStore(VectorStore):
 
     @classmethod
     def _init_storage(cls, tmp: Path, header: StoreHeader, **options: Any) -> dict[str, Any]:
-        uri = options.pop("uri", None)
+        uri = options.pop("uri", None)  # None: Milvus Lite in the store folder
         collection = options.pop("collection", "mmcompose_vectors")
         token = options.pop("token", None)
         if options:
             raise RetrievalError(f"unknown milvus store option(s): {sorted(options)}")
-        client = cls._connect(uri or str(tmp / LITE_FILE), token)
+        if uri is None and header.index == "ivfpq":
+            raise RetrievalError(
+                "Milvus Lite has no IVF-PQ index",
+                hint="use index='hnsw' or 'flat' locally, or uri='http://HOST:19530' for IVF-PQ",
+            )
+        target = uri or str(tmp / LITE_FILE)
+        client = cls._connect(target, token)
         try:
             if client.has_collection(collection):
                 raise RetrievalError(f"Milvus at {uri} already has a collection {collection!r}")
@@ -120,6 +156,7 @@ class MilvusStore(VectorStore):
             )
         finally:
             client.close()
+            _lite_release(target)
         return {"uri": uri, "collection": collection, "generation": 0}
 
     @classmethod
@@ -167,6 +204,8 @@ class MilvusStore(VectorStore):
         self.client = self._connect(uri, None)
         try:
             ok = self.client.has_collection(state["collection"])
+            if ok:
+                self.client.load_collection(state["collection"])
             count = self._count(f"gen <= {state['generation']}") if ok else -1
         except _MILVUS_ERRORS as exc:
             raise self._corrupt(f"Milvus cannot read the collection ({exc})") from None
@@ -186,6 +225,7 @@ class MilvusStore(VectorStore):
         if client is not None:
             with contextlib.suppress(*_MILVUS_ERRORS):
                 client.close()
+            _lite_release(self._uri())
             self.client = None
 
     # ------------------------------------------------------------------ add
