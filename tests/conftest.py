@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,21 @@ def media_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             c.mux(p)
     trimesh.creation.icosphere(subdivisions=3).export(files["point"])
     return files
+
+
+@pytest.fixture
+def run(capsys: pytest.CaptureFixture[str]):
+    """Run the CLI in-process (fast); returns an object like CompletedProcess."""
+    from mmcompose.cli import main
+
+    def _run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+    return _run

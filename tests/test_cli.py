@@ -15,24 +15,6 @@ def run_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]):
-    """Run the CLI in-process (fast); returns an object like CompletedProcess."""
-    from mmcompose.cli import main
-
-    def _run(*args: str) -> subprocess.CompletedProcess[str]:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
-
-    return _run
-
-
 def test_inspect_tables_and_json(run, tiny_model_dir):
     r = run("inspect", str(tiny_model_dir))
     assert r.returncode == 0, r.stderr

@@ -252,6 +252,75 @@ def train(
     )
 
 
+@app.command()
+def align(
+    config: Annotated[Path, typer.Argument(help="Alt-MoE alignment YAML (configs/align/).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Train an Alt-MoE connector between frozen unimodal models (alternating directions).
+
+    For several processes: torchrun --nproc_per_node N -m mmcompose.align.trainer CONFIG -o OUT"""
+    from mmcompose.align.trainer import run_align
+
+    out.print(run_align(config, out_dir, force=force).summary(), markup=False, highlight=False)
+
+
+@app.command()
+def index(
+    model: Annotated[Path, typer.Option(help="A trained alignment folder (mmcompose align).")],
+    data: Annotated[Path, typer.Option(help="Manifest JSONL of the items to store.")],
+    store: Annotated[Path, typer.Option(help="Vector store folder to create.")],
+    gallery: Annotated[
+        str | None, typer.Option(help="Store the items' modality (default) or 'text' (captions).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Only this manifest split.")] = None,
+    backend: Annotated[str, typer.Option(help="faiss, lancedb or milvus.")] = "faiss",
+    kind: Annotated[str, typer.Option("--index", help="flat, hnsw or ivfpq.")] = "flat",
+) -> None:
+    """Embed a manifest once (frozen encoder + one connector pass) into a vector store."""
+    from mmcompose.retrieval.service import index_manifest
+
+    n = index_manifest(
+        model, data, store, gallery=gallery, split=split, backend=backend, index=kind
+    )
+    out.print(f"stored {n} vectors in {store}")
+
+
+@app.command()
+def search(
+    store: Annotated[Path, typer.Option(help="A store made by mmcompose index.")],
+    text: Annotated[str | None, typer.Option(help="A text query.")] = None,
+    image: Annotated[Path | None, typer.Option(help="An image query.")] = None,
+    audio: Annotated[Path | None, typer.Option(help="An audio query.")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="How many results.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Search a store with one query: frozen encoder, one connector pass, one index search."""
+    from mmcompose.errors import ConfigError
+    from mmcompose.retrieval.service import search as run_search
+
+    given = {m: v for m, v in (("text", text), ("image", image), ("audio", audio)) if v is not None}
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --text, --image, --audio")
+    ((modality, query),) = given.items()
+    hits = run_search(store, modality, str(query), k)
+    if as_json:
+        out.print_json(json.dumps([h.__dict__ for h in hits]))
+        return
+    t = Table("rank", "score", "id", "label", "caption / path")
+    for h in hits:
+        m = h.metadata or {}
+        t.add_row(
+            str(h.rank),
+            f"{h.score:.3f}",
+            h.id,
+            str(m.get("label", "")),
+            str(m.get("text") or m.get("caption") or m.get("path") or ""),
+        )
+    out.print(t)
+
+
 @app.command("eval")
 def evaluate(
     model_dir: ModelDir,

@@ -9,10 +9,32 @@
 
 from __future__ import annotations
 
-from mmcompose.align.evaluate import AlignedModel, evaluate_split, recall_at_k
-from mmcompose.align.features import EncoderRef, FeatureStore, build_feature_store
-from mmcompose.align.moe import AltMoEConnector, ConnectorConfig
-from mmcompose.align.trainer import AlignConfig, AlignResult, load_align_config, run_align
+import importlib
+from typing import Any
+
+# Lazy: ``python -m mmcompose.align.trainer`` (the torchrun entry) must not find the module
+# already imported by its package, and importing the package stays cheap.
+_EXPORTS = {
+    "AlignedModel": "evaluate",
+    "evaluate_split": "evaluate",
+    "recall_at_k": "evaluate",
+    "EncoderRef": "features",
+    "FeatureStore": "features",
+    "build_feature_store": "features",
+    "AltMoEConnector": "moe",
+    "ConnectorConfig": "moe",
+    "AlignConfig": "trainer",
+    "AlignResult": "trainer",
+    "load_align_config": "trainer",
+    "run_align": "trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"mmcompose.align.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'mmcompose.align' has no attribute {name!r}")
+
 
 __all__ = [
     "AlignConfig",

@@ -207,10 +207,13 @@ class AltMoEConnector(nn.Module):
         sources = sorted({s for s, _ in self.directions})
         if cfg.kind == "linear":
             self.linear_reg = nn.ModuleDict(
-                {n: nn.Linear(dims[s], dims[t]) for n, (s, t) in zip(names, self.directions)}
+                {
+                    n: nn.Linear(dims[s], dims[t])
+                    for n, (s, t) in zip(names, self.directions, strict=True)
+                }
             )
             self.linear_cl = nn.ModuleDict(
-                {n: nn.Linear(dims[s], h) for n, (s, _) in zip(names, self.directions)}
+                {n: nn.Linear(dims[s], h) for n, (s, _) in zip(names, self.directions, strict=True)}
             )
         else:
             self.in_proj = nn.ModuleDict(
@@ -225,11 +228,11 @@ class AltMoEConnector(nn.Module):
             )
             self.norms = nn.ModuleDict({s: nn.LayerNorm(h) for s in STREAMS})
             self.reg_head = nn.ModuleDict(
-                {n: nn.Linear(h, dims[t]) for n, (_, t) in zip(names, self.directions)}
+                {n: nn.Linear(h, dims[t]) for n, (_, t) in zip(names, self.directions, strict=True)}
             )
             self.cl_head = nn.ModuleDict({n: nn.Linear(h, h) for n in names})
         self.tgt_proj = nn.ModuleDict(
-            {n: nn.Linear(dims[t], h) for n, (_, t) in zip(names, self.directions)}
+            {n: nn.Linear(dims[t], h) for n, (_, t) in zip(names, self.directions, strict=True)}
         )
 
     def _index(self, direction: Direction) -> int:

@@ -17,6 +17,7 @@ from mmcompose.errors import CheckpointError, ConfigError
 from mmcompose.modalities import canonical_modality
 
 CONFIG_NAME = "config.json"
+PROCESSOR_CONFIG = "processor_config.json"
 TEXT_ADAPTER = "text"
 DEFAULT_TARGETS: tuple[str, ...] = (
     "q_proj",

@@ -21,11 +21,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mmcompose.errors import CheckpointError, PlaceholderError
 from mmcompose.modalities import MODALITIES, canonical_modality
-from mmcompose.model.config import MMConfig, ModuleSpec
+from mmcompose.model.config import PROCESSOR_CONFIG, MMConfig, ModuleSpec
 from mmcompose.model.encoders import ENCODERS, encoder_params
 from mmcompose.model.splice import SENTINELS
 
-PROCESSOR_CONFIG = "processor_config.json"
 PLACEHOLDER_RE = re.compile("(" + "|".join(f"<{m}>" for m in MODALITIES) + ")")
 
 
