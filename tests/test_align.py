@@ -462,3 +462,20 @@ def test_build_connector_derives_dims_and_directions() -> None:
     }
     m = build_connector(AlignConfig(), PairedSplit(feats, np.arange(2)))
     assert len(m.directions) == 6 and m.cfg.modalities == {"a": 3, "b": 5, "c": 2}
+
+
+def test_random_feature_encoders_are_reproducible_across_rng_states() -> None:
+    """Without stored weights, index time must rebuild the very encoder training used."""
+    from mmcompose.align.features import EncoderRef, build_feature_encoder
+
+    ref = EncoderRef(name="patch_embed", params={"image_size": 32, "patch_size": 8, "width": 16})
+    torch.manual_seed(1)
+    a = build_feature_encoder(ref)
+    torch.manual_seed(2)
+    state_before = torch.get_rng_state()
+    b = build_feature_encoder(ref)
+    assert torch.equal(torch.get_rng_state(), state_before)  # the caller's RNG is untouched
+    for (k, x), (_, y) in zip(
+        a.encoder.state_dict().items(), b.encoder.state_dict().items(), strict=True
+    ):
+        assert torch.equal(x, y), k

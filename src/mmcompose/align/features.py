@@ -148,6 +148,9 @@ TEXT_ENCODERS: dict[str, Callable[[TextParams], FeatureEncoder]] = {
 }
 
 
+ENCODER_SEED = 0
+
+
 class _MediaEncoder:
     """A registered ``mmcompose`` encoder (image / audio / ...), frozen, batched."""
 
@@ -156,7 +159,11 @@ class _MediaEncoder:
         from mmcompose.model.encoders import ENCODERS, build_encoder
 
         self.cls = ENCODERS.get(ref.name)
-        self.encoder = build_encoder(ModuleSpec(name=ref.name, params=ref.params)).eval()
+        # An alignment stores no encoder weights: a randomly initialised encoder must come out
+        # the same in every process (training, indexing, searching), whatever the RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ENCODER_SEED)
+            self.encoder = build_encoder(ModuleSpec(name=ref.name, params=ref.params)).eval()
         self.params = self.encoder.params
         self.modality, self.dim = self.cls.modality, int(self.encoder.output_dim)
 

@@ -114,6 +114,10 @@ class ModelEntry(_Strict):
 
     model: Path
     parameters: dict[str, Setting] = Field(default_factory=dict)
+    # new: force a checkpoint importer (default: detected) and pass it options, e.g.
+    # ``{base_vocab_size: 32000}`` for llava-hf, ``{base: PATH, encoders: {...}}`` for others
+    importer: str | None = None
+    importer_options: dict[str, Any] = Field(default_factory=dict)
 
     _path = field_validator("model", mode="before")(_resolve_path)
     _settings = field_validator("parameters", mode="before")(

@@ -252,7 +252,7 @@ class Inputs:
 def open_inputs(config: ComposeConfig) -> Inputs:
     """Open every referenced folder (see ``ComposeConfig.merge_entries`` for the base)."""
     entries = config.merge_entries
-    models = [open_source(e.model) for e in entries]
+    models = [open_source(e.model, e.importer, **e.importer_options) for e in entries]
     base = None
     if config.base_model is not None:
         listed = [
