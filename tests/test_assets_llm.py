@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mmcompose.assets import cache as cache_mod
 from mmcompose.assets import llm as llm_mod
 from mmcompose.assets.cache import MANIFEST_NAME, MissingAssetError, cache_dir, read_json
 from mmcompose.assets.llm import BASE_LLMS, base_llm_dir, prepare_base_llm
@@ -92,7 +93,8 @@ def test_complete_folder_is_returned_without_building(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MMCOMPOSE_CACHE", str(tmp_path))
-    monkeypatch.setattr(llm_mod, "_installed_version", lambda dist: "0.1.2")
+    monkeypatch.setattr(cache_mod, "installed_version", lambda dist: "0.1.2")
+    monkeypatch.setattr(llm_mod, "installed_version", lambda dist: "0.1.2")
     folder = base_llm_dir()
     _fake_prepared(folder, "0.1.2")
     _hide_package(monkeypatch)  # building would fail, so returning proves the fast path
@@ -104,7 +106,8 @@ def test_incomplete_folder_is_rebuilt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
 ) -> None:
     monkeypatch.setenv("MMCOMPOSE_CACHE", str(tmp_path))
-    monkeypatch.setattr(llm_mod, "_installed_version", lambda dist: "0.1.2")
+    monkeypatch.setattr(cache_mod, "installed_version", lambda dist: "0.1.2")
+    monkeypatch.setattr(llm_mod, "installed_version", lambda dist: "0.1.2")
     folder = base_llm_dir()
     _fake_prepared(folder, "0.1.1" if damage == "other-version" else "0.1.2")
     if damage == "truncated":

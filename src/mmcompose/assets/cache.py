@@ -6,6 +6,7 @@ manifest written last.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -18,6 +19,8 @@ __all__ = [
     "MissingAssetError",
     "atomic_dir",
     "cache_dir",
+    "installed_version",
+    "prepared_folder_is_complete",
     "read_json",
     "sha256_file",
     "write_json_atomic",
@@ -44,3 +47,35 @@ def cache_dir() -> Path:
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "mmcompose"
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a pip distribution, or None if it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def prepared_folder_is_complete(folder: Path, name: str, distribution: str, fmt: int) -> bool:
+    """Cheap check (stat only, no hashing) that a prepared asset folder is complete: its
+    manifest is present, names ``name`` in format ``fmt``, and lists every file at its size.
+
+    A different installed version of the source package invalidates the folder; an absent
+    package does not, so a prepared cache keeps working after the package is uninstalled.
+    """
+    manifest = read_json(folder / MANIFEST_NAME)
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        return False
+    if manifest.get("name") != name or not isinstance(manifest.get("files"), dict):
+        return False
+    installed = installed_version(distribution)
+    if installed is not None and installed != manifest.get("source", {}).get("version"):
+        return False
+    for rel, size in manifest["files"].items():
+        try:
+            if (folder / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True

@@ -39,7 +39,8 @@ from mmcompose.assets.cache import (
     MissingAssetError,
     atomic_dir,
     cache_dir,
-    read_json,
+    installed_version,
+    prepared_folder_is_complete,
     sha256_file,
     write_json_atomic,
 )
@@ -122,13 +123,6 @@ def encoder_asset_dir(name: str) -> Path:
     return cache_dir() / "encoders" / _asset(name).name
 
 
-def _installed_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _find_source(asset: EncoderAsset) -> Path:
     """The weight file inside the installed package, located without importing it."""
     try:
@@ -153,26 +147,7 @@ def _find_source(asset: EncoderAsset) -> Path:
 
 
 def _is_complete(folder: Path, asset: EncoderAsset) -> bool:
-    """Cheap check (stat only): manifest present and every listed file at its recorded size.
-
-    A different installed version of the source package invalidates the folder; an absent
-    package does not, so a prepared cache keeps working after the package is uninstalled.
-    """
-    manifest = read_json(folder / MANIFEST_NAME)
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        return False
-    if manifest.get("name") != asset.name or not isinstance(manifest.get("files"), dict):
-        return False
-    installed = _installed_version(asset.distribution)
-    if installed is not None and installed != manifest.get("source", {}).get("version"):
-        return False
-    for rel, size in manifest["files"].items():
-        try:
-            if (folder / rel).stat().st_size != size:
-                return False
-        except OSError:
-            return False
-    return True
+    return prepared_folder_is_complete(folder, asset.name, asset.distribution, MANIFEST_FORMAT)
 
 
 def _save_weights(state: dict[str, Tensor], out: Path) -> None:
@@ -230,7 +205,7 @@ def _manifest(
         "name": asset.name,
         "source": {
             "package": asset.distribution,
-            "version": _installed_version(asset.distribution) or "unknown",
+            "version": installed_version(asset.distribution) or "unknown",
             "file": asset.file,
             "file_sha256": sha256_file(source),
         },
@@ -239,7 +214,7 @@ def _manifest(
         "files": files,
         "created_with": {
             "mmcompose": getattr(mmcompose, "__version__", "unknown"),
-            "transformers": _installed_version("transformers") or "absent",
+            "transformers": installed_version("transformers") or "absent",
             "torch": torch.__version__,
         },
         "prepare_seconds": round(seconds, 2),

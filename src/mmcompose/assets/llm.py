@@ -26,6 +26,8 @@ from mmcompose.assets.cache import (
     MissingAssetError,
     atomic_dir,
     cache_dir,
+    installed_version,
+    prepared_folder_is_complete,
     read_json,
     sha256_file,
     write_json_atomic,
@@ -108,34 +110,8 @@ def read_base_llm_manifest(name: str = DEFAULT_BASE_LLM) -> dict[str, Any] | Non
     return manifest if isinstance(manifest, dict) else None
 
 
-def _installed_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _is_complete(folder: Path, source: BaseLLMSource) -> bool:
-    """Cheap check (stat only, no hashing): manifest present and every listed file at its size.
-
-    A different installed version of the source package invalidates the folder; a missing
-    package does not, so a prepared cache keeps working after the package is uninstalled.
-    """
-    manifest = read_json(folder / MANIFEST_NAME)
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        return False
-    if manifest.get("name") != source.name or not isinstance(manifest.get("files"), dict):
-        return False
-    installed = _installed_version(source.distribution)
-    if installed is not None and installed != manifest.get("source", {}).get("version"):
-        return False
-    for rel, size in manifest["files"].items():
-        try:
-            if (folder / rel).stat().st_size != size:
-                return False
-        except OSError:
-            return False
-    return True
+    return prepared_folder_is_complete(folder, source.name, source.distribution, MANIFEST_FORMAT)
 
 
 def _find_gguf(source: BaseLLMSource) -> Path:
@@ -317,7 +293,7 @@ def _build(source: BaseLLMSource, gguf_path: Path, out: Path, progress: bool) ->
         "name": source.name,
         "source": {
             "package": source.distribution,
-            "version": _installed_version(source.distribution) or "unknown",
+            "version": installed_version(source.distribution) or "unknown",
             "file": source.gguf_file,
             "file_sha256": sha256_file(gguf_path),
         },
