@@ -141,7 +141,7 @@ def test_interrupted_run_resumes_to_the_same_model(setup, monkeypatch):
 
     def flaky(step, total, warmup, peak):
         calls["n"] += 1
-        if calls["n"] == 8:  # stage 2, step 4: after the step-4 checkpoint of stage 2? no: mid-run
+        if calls["n"] == 8:  # stage 2's 4th step, after stage 1's checkpoints: resume mid-stage
             raise KeyboardInterrupt
         return real(step, total, warmup, peak)
 

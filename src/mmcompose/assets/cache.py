@@ -19,6 +19,7 @@ __all__ = [
     "MissingAssetError",
     "atomic_dir",
     "cache_dir",
+    "file_sizes",
     "installed_version",
     "prepared_folder_is_complete",
     "read_json",
@@ -79,3 +80,13 @@ def prepared_folder_is_complete(folder: Path, name: str, distribution: str, fmt:
         except OSError:
             return False
     return True
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` but the manifest -> its size: what the manifest records and
+    :func:`prepared_folder_is_complete` checks."""
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }

@@ -39,6 +39,7 @@ from mmcompose.assets.cache import (
     MissingAssetError,
     atomic_dir,
     cache_dir,
+    file_sizes,
     installed_version,
     prepared_folder_is_complete,
     sha256_file,
@@ -194,11 +195,7 @@ def _manifest(
 ) -> dict[str, Any]:
     import mmcompose
 
-    files = {
-        p.relative_to(out).as_posix(): p.stat().st_size
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_NAME
-    }
+    files = file_sizes(out)
     return {
         "format": MANIFEST_FORMAT,
         "kind": "encoder",

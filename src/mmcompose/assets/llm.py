@@ -26,6 +26,7 @@ from mmcompose.assets.cache import (
     MissingAssetError,
     atomic_dir,
     cache_dir,
+    file_sizes,
     installed_version,
     prepared_folder_is_complete,
     read_json,
@@ -282,11 +283,7 @@ def _build(source: BaseLLMSource, gguf_path: Path, out: Path, progress: bool) ->
     weights = sorted(out.glob("*.safetensors"))
     if not weights:
         raise CheckpointError(f"save_pretrained wrote no .safetensors file into {out}")
-    files = {
-        p.relative_to(out).as_posix(): p.stat().st_size
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_NAME
-    }
+    files = file_sizes(out)
     return {
         "format": MANIFEST_FORMAT,
         "kind": "base_llm",
