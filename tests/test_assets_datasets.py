@@ -74,27 +74,103 @@ def _records(folder: Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- splits
-def test_split_of_is_deterministic_and_roughly_80_10_10() -> None:
-    ids = [f"item-{i}" for i in range(3000)]
-    first = [ds.split_of(i, seed=0) for i in ids]
-    assert first == [ds.split_of(i, seed=0) for i in ids]
-    counts = Counter(first)
-    assert 0.76 < counts["train"] / 3000 < 0.84
-    assert 0.07 < counts["val"] / 3000 < 0.13
-    assert 0.07 < counts["test"] / 3000 < 0.13
-    assert first != [ds.split_of(i, seed=1) for i in ids]
+def test_split_quota_holds_out_a_share_of_every_label() -> None:
+    table = {n: ds.split_quota(n) for n in range(1, 41)}
+    assert [table[n] for n in range(1, 9)] == [
+        (0, 0), (1, 0), (1, 1), (1, 1), (1, 1), (2, 1), (2, 1), (2, 2)
+    ]  # fmt: skip
+    assert table[12] == (2, 2) and table[16] == (3, 3) and table[40] == (6, 6)
+    for n, (test, val) in table.items():
+        assert n - test - val >= 1  # every held-out label keeps training items
+        if n >= 3:
+            assert test >= 1 and val >= 1 and val <= test
+        if n >= 4:
+            assert n - test - val >= n / 2  # training is not starved
+        if 6 <= n <= 13:
+            assert test == 2
+        if n >= 20:
+            assert abs(test / n - ds.HELD_OUT_PERCENT / 100) < 0.05
 
 
-def test_assign_splits_puts_every_label_into_train_and_ignores_order() -> None:
-    # 300 singleton labels: about 60 hash to val/test and must be moved to train.
-    pairs = [(f"id{i}", f"label{i}") for i in range(300)] + [(f"big{i}", "big") for i in range(50)]
-    assert any(ds.split_of(i) != "train" for i, _ in pairs[:300])
+def _labelled(sizes: dict[str, int]) -> list[tuple[str, str]]:
+    return [(f"{label}/{k}", label) for label, n in sizes.items() for k in range(n)]
+
+
+def test_assign_splits_is_stratified_deterministic_and_order_free() -> None:
+    sizes = {f"label{n}": n for n in range(1, 41)}
+    pairs = _labelled(sizes)
     splits = ds.assign_splits(pairs, seed=0)
-    train_labels = {lab for i, lab in pairs if splits[i] == "train"}
-    assert {lab for _, lab in pairs} == train_labels
-    assert all(splits[f"id{i}"] == "train" for i in range(300))
-    assert Counter(splits[f"big{i}"] for i in range(50))["train"] < 50  # others keep hashes
+    assert set(splits) == {i for i, _ in pairs}  # every item in exactly one split
     assert ds.assign_splits(list(reversed(pairs)), seed=0) == splits
+    assert ds.assign_splits(pairs, seed=0) == splits
+    other = ds.assign_splits(pairs, seed=1)
+    assert other != splits  # the seed picks which items ...
+    for label, n in sizes.items():
+        counts = Counter(splits[i] for i, lab in pairs if lab == label)
+        test, val = ds.split_quota(n)
+        assert counts == Counter({"train": n - test - val, "val": val, "test": test}) - Counter()
+        assert Counter(other[i] for i, lab in pairs if lab == label) == counts  # ... not how many
+    assert splits["label1/0"] == "train"  # a lone item trains
+
+
+def test_assign_splits_keeps_groups_together() -> None:
+    def triples(groups: dict[str, list[int]]) -> list[tuple[str, str, str]]:
+        return [(f"{lab}/{g}/{k}", lab, f"{lab}/{g}") for lab, sizes in groups.items()
+                for g, n in enumerate(sizes) for k in range(n)]  # fmt: skip
+
+    items = triples({
+        "singles": [1] * 12,  # plain items: the per-label quota exactly
+        "video": [6, 6, 1, 1, 1, 1],  # two long videos and four images, as person's clips
+        "pairs": [2, 2],  # too big for a quota of 1: one whole group is held out
+        "one": [5],  # a single group stays in train
+        "mixed": [3, 1, 1, 1, 1, 1, 1, 1],
+    })  # fmt: skip
+    splits = ds.assign_splits(items, seed=0)
+    assert ds.assign_splits(list(reversed(items)), seed=0) == splits
+    by_group: dict[str, set[str]] = {}
+    for item_id, _, group in items:
+        by_group.setdefault(group, set()).add(splits[item_id])
+    assert all(len(s) == 1 for s in by_group.values())  # no group straddles two splits
+
+    def counts(label: str) -> Counter[str]:
+        return Counter(splits[i] for i, lab, _ in items if lab == label)
+
+    assert counts("singles") == {"train": 8, "val": 2, "test": 2}
+    assert counts("video") == {"train": 12, "val": 1, "test": 3}  # the videos stay whole
+    assert counts("pairs") == {"train": 2, "test": 2}
+    assert counts("one") == {"train": 5}
+    assert counts("mixed") == {"train": 6, "val": 2, "test": 2}
+    for label in ("singles", "video", "pairs", "one", "mixed"):
+        assert counts(label)["train"] > 0  # every held-out label is also trained on
+
+
+def test_split_groups_join_identical_files_and_clips_of_one_source(tmp_path: Path) -> None:
+    def rec(item_id: str, label: str, content: bytes, **extra: str) -> dict:
+        (tmp_path / item_id).write_bytes(content)
+        return {"id": item_id, "label": label, **extra}
+
+    images = [rec("a1", "apple", b"same"), rec("a2", "apple", b"same"), rec("a3", "apple", b"x"),
+              rec("p1", "pear", b"same")]  # fmt: skip
+    files = {r["id"]: tmp_path / r["id"] for r in images}
+    groups = ds.split_groups("openclipart", images, files)
+    assert groups["a1"] == groups["a2"] == "a1" and groups["a3"] == "a3"
+    clips = [
+        rec("c1", "cup", b"1", source="/v/cup.mp4", segment="0"),
+        rec("c2", "cup", b"2", source="/v/cup.mp4", segment="1"),
+        rec("c3", "cup", b"3", image="emoji/cup"),
+        rec("c4", "cup", b"4", image="emoji/cup"),
+        rec("c5", "cup", b"5", image="openclipart/mug"),
+        rec("b1", "bone", b"6", image="emoji/bone"),  # bone's only source: split per clip
+        rec("b2", "bone", b"7", image="emoji/bone"),
+    ]
+    files = {r["id"]: tmp_path / r["id"] for r in clips}
+    groups = ds.split_groups("clips", clips, files)
+    assert groups["c1"] == groups["c2"] and groups["c3"] == groups["c4"]
+    assert len({groups[c] for c in ("c1", "c3", "c5")}) == 3
+    assert groups["b1"] != groups["b2"]
+    poses = [rec(f"m{k}", "cow", bytes([k]), mesh="cgal:cow.off") for k in range(3)]
+    files = {r["id"]: tmp_path / r["id"] for r in poses}
+    assert len(set(ds.split_groups("meshes", poses, files).values())) == 3  # poses split
 
 
 # --------------------------------------------------------------------------- openclipart
@@ -145,6 +221,56 @@ def test_prepare_is_idempotent_and_force_rebuilds(
     ds.prepare_datasets(only=["openclipart"], force=True, progress=False)
     assert (folder / ds.ITEMS_NAME).read_bytes() == before  # deterministic rebuild
     assert all(Path(r["path"]).is_file() for r in _records(folder))
+
+
+def test_old_split_is_rewritten_without_rebuilding(
+    cache: Path, clipart: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    for k in range(8):  # 8 apples, two of them the same drawing filed twice
+        _png(clipart / f"food/fruit/apple_{k}.png", (200, 10 * k, 0))
+    _png(clipart / "food/apple_3.png", (200, 30, 0))
+    folder = ds.prepare_datasets(only=["openclipart"], progress=False)["openclipart"]
+    fresh = (folder / ds.ITEMS_NAME).read_bytes()
+    recs = _records(folder)
+    apples = Counter(r["split"] for r in recs if r["label"] == "apple")
+    assert apples == {"train": 6, "val": 2, "test": 2}  # 10 apples: 2 + 2 held out
+    twins = {r["split"] for r in recs if Path(r["id"]).name == "apple_3.png"}
+    assert len(twins) == 1  # the identical pair shares one split
+
+    # An older cache: the per-item hash split, no split_version in the meta.
+    meta = json.loads((folder / MANIFEST_NAME).read_text())
+    meta.pop("split_version")
+    (folder / MANIFEST_NAME).write_text(json.dumps(meta))
+    old = [{**r, "split": "test" if i % 3 else "train"} for i, r in enumerate(recs)]
+    (folder / ds.ITEMS_NAME).write_text("".join(json.dumps(r) + "\n" for r in old))
+    mtimes = {r["path"]: Path(r["path"]).stat().st_mtime_ns for r in recs}
+
+    def boom(out: Path, seed: int) -> list:
+        raise AssertionError("rebuilt a complete dataset")
+
+    spec = ds.DATASETS["openclipart"]
+    monkeypatch.setitem(ds.DATASETS, "openclipart", ds.DatasetSpec(
+        spec.name, spec.modality, boom, spec.sources
+    ))  # fmt: skip
+    ds.prepare_datasets(only=["openclipart"])
+    assert "re-split" in capsys.readouterr().err
+    assert (folder / ds.ITEMS_NAME).read_bytes() == fresh  # as a fresh build splits it
+    assert {p: Path(p).stat().st_mtime_ns for p in mtimes} == mtimes  # files untouched
+    meta = json.loads((folder / MANIFEST_NAME).read_text())
+    assert meta["split_version"] == ds.SPLIT_VERSION and meta["labels"]["apple"] == apples
+    stamp = (folder / ds.ITEMS_NAME).stat().st_mtime_ns
+    ds.prepare_datasets(only=["openclipart"])  # idempotent: nothing rewritten
+    assert (folder / ds.ITEMS_NAME).stat().st_mtime_ns == stamp
+    assert "re-split" not in capsys.readouterr().err
+
+    meta.pop("split_version")  # an older split with a file gone: rebuilt from the sources
+    (folder / MANIFEST_NAME).write_text(json.dumps(meta))
+    Path(recs[0]["path"]).unlink()
+    with pytest.raises(AssertionError, match="rebuilt"):
+        ds.prepare_datasets(only=["openclipart"], progress=False)
+    monkeypatch.setitem(ds.DATASETS, "openclipart", spec)
+    ds.prepare_datasets(only=["openclipart"], progress=False)
+    assert (folder / ds.ITEMS_NAME).read_bytes() == fresh
 
 
 def test_failed_build_leaves_previous_dataset_intact(
@@ -285,6 +411,13 @@ def test_clips_cut_real_videos_and_pan_over_images(
     first, last = load_video(zoom["path"], num_frames=ds.CLIP_FRAMES)[[0, -1]]
     assert first.mean() > last.mean() + 20  # zooming in on a red photo: less white border
     assert (cache / "datasets/photos" / MANIFEST_NAME).is_file()  # dependency prepared
+    apple: dict[str, set[str]] = {}  # two images, two clips each
+    for r in recs:
+        if r["label"] == "apple" and "image" in r:
+            apple.setdefault(r["image"], set()).add(r["split"])
+    assert sorted(apple.values(), key=sorted) == [{"test"}, {"train"}]  # one split per image
+    birds = Counter(r["split"] for r in recs if r["label"] == "bird")  # one image: per clip
+    assert birds == {"train": 2, "val": 1, "test": 1}
 
 
 def test_concept_table_counts_labels_per_modality(tmp_path: Path) -> None:
@@ -360,6 +493,12 @@ def test_real_datasets_counts_and_cross_modal_concepts(real_cache: Path) -> None
         assert meta["num_items"] == len(recs) >= least, name
         train = {r["label"] for r in recs if r["split"] == "train"}
         assert {r["label"] for r in recs} == train, name
+        groups = ds.split_groups(name, recs, {r["id"]: Path(r["path"]) for r in recs})
+        split_of_group: dict[str, set[str]] = {}
+        for r in recs:
+            split_of_group.setdefault(groups[r["id"]], set()).add(r["split"])
+        assert all(len(s) == 1 for s in split_of_group.values()), name
+        assert meta["split_version"] == ds.SPLIT_VERSION
         assert all(Path(r["path"]).is_relative_to(root / name) for r in recs)
     table = ds.concept_table(root)
     multi = [label for label, mods in table.items() if len(mods) >= 3]

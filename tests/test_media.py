@@ -389,3 +389,69 @@ def test_empty_inputs(tmp_path: Path) -> None:
     _raises_naming(tmp_path / "bad.npy", "shape", media.load_point_cloud)
     sf.write(tmp_path / "silent.wav", np.zeros(0, np.float32), 16000)
     _raises_naming(tmp_path / "silent.wav", "no samples", media.load_audio)
+
+
+# --------------------------------------------------------------------------- cut-short files
+def test_truncated_png_wav_and_ply(tmp_path: Path) -> None:
+    """An interrupted download fails with the path; it never decodes to something shorter."""
+    png, wav, ply = tmp_path / "a.png", tmp_path / "a.wav", tmp_path / "a.ply"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(png)
+    sf.write(wav, _sine(440, 16000, 0.5, 0.5), 16000)
+    trimesh.creation.icosphere(subdivisions=2).export(ply)
+    for path, fn, needle in [
+        (png, media.load_image, "truncated"),
+        (wav, media.load_audio, "truncated"),
+        (ply, media.load_point_cloud, "cannot decode"),
+    ]:
+        cut = tmp_path / f"cut{path.suffix}"
+        cut.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 4])
+        _raises_naming(cut, needle, fn)
+
+
+def test_truncated_off_mesh_is_caught_by_its_header_counts(tmp_path: Path) -> None:
+    whole = tmp_path / "m.off"
+    trimesh.creation.icosphere(subdivisions=2).export(whole)
+    assert media.load_point_cloud(whole, num_samples=16).shape == (16, 3)
+    cut = tmp_path / "cut.off"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 9 // 10])  # whole lines lost
+    err = _raises_naming(cut, "truncated", media.load_point_cloud)
+    assert "declares 162 vertices and 320 faces" in err.message
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_truncated_video_fails_instead_of_sampling_fewer_frames(tmp_path: Path, ext: str) -> None:
+    import av.logging
+
+    path = tmp_path / f"clip.{ext}"
+    opts = {"movflags": "faststart"} if ext == "mp4" else {}  # index first: frames still decode
+    with av.open(str(path), "w", options=opts) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            rgb = np.full((48, 64, 3), GRAY_STEP * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert _indices(media.load_video(path, num_frames=5)) == [2, 6, 10, 14, 18]
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size * 9 // 10])
+    _raises_naming(cut, "truncated", media.load_video)
+    assert av.logging.get_level() is None  # FFmpeg's log level is left as it was
+
+
+def test_on_corrupt_policy() -> None:
+    err = MediaError("cannot decode image file x.png: broken", hint="re-export it")
+    skipped: dict[str, str] = {}
+    with pytest.raises(MediaError) as info:
+        media.handle_unreadable("x.png", err, "fail", skipped)
+    assert info.value.message == err.message and "on_corrupt: skip" in (info.value.hint or "")
+    media.handle_unreadable("x.png", err, "skip", skipped)
+    media.handle_unreadable("y.npy", MediaError("point cloud has NaN"), "skip", skipped)
+    assert skipped == {"x.png": err.message, "y.npy": "y.npy: point cloud has NaN"}
+    with pytest.warns(media.CorruptFileWarning) as caught:
+        media.warn_skipped(skipped, "ctx")
+    text = str(caught[0].message)
+    assert text.startswith("ctx: skipped 2 unreadable file(s)") and "y.npy" in text
+    with pytest.raises(ValueError, match="on_corrupt"):
+        media.handle_unreadable("x.png", err, "ignore", skipped)  # type: ignore[arg-type]

@@ -399,3 +399,25 @@ def test_score_continuations_matches_full_forward(decoupled):
         ref = sum(logp[-n - 1 + j, c[j]] for j in range(n))
         torch.testing.assert_close(s, ref, atol=1e-4, rtol=1e-5)
     assert scores.shape == (3,) and len(set(scores.tolist())) == 3
+
+
+def test_encoder_memo_reuses_outputs_bit_exactly() -> None:
+    """Inside memoized_encoders, a second model with the same frozen encoder weights encodes
+    nothing new and gets the same features; different weights never share entries."""
+    from mmcompose.model.encode_memo import memoized_encoders
+    from mmcompose.testing import build_tiny_model, tiny_inputs
+
+    a, proc = build_tiny_model(["image"], seed=0)
+    b, _ = build_tiny_model(["image"], seed=0)
+    c, _ = build_tiny_model(["image"], seed=1)
+    x = proc.preprocess("image", [tiny_inputs(0)["image"]] * 2)
+    plain = a.towers["image"].encode(x)
+    with memoized_encoders() as memo:
+        first = a.towers["image"].encode(x)
+        assert memo.misses == 1 and memo.hits == 1  # two equal inputs: one encoder call
+        second = b.towers["image"].encode(x)
+        assert memo.misses == 1 and memo.hits == 3
+        other = c.towers["image"].encode(x)
+        assert memo.misses == 2
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+    assert not torch.equal(other, plain)

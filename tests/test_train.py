@@ -220,3 +220,172 @@ def test_two_processes_equal_one(setup, tmp_path):
     last = "language_model.model.layers.1"
     assert a[f"{last}.self_attn.v_proj.lora.image.lora_B"].abs().sum() > 0
     assert a[f"{last}.mlp.up_proj.lora.image.lora_B"].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- bad input
+def _truncated(path: Path) -> Path:
+    """A copy of ``path`` cut to half its bytes, as an interrupted download leaves it."""
+    bad = path.with_name(f"cut-{path.name}")
+    data = path.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    return bad
+
+
+def _media_set(d: Path, modality: str) -> tuple[list[Path], Path]:
+    """Six readable files of one modality and one truncated one (PNG, WAV, PLY)."""
+    import soundfile as sf
+    import trimesh
+
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(6):
+        if modality == "image":
+            p = d / f"g{i}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(p)
+        elif modality == "audio":
+            p = d / f"g{i}.wav"
+            sf.write(
+                p, (0.3 * np.sin(np.arange(8000) * (0.05 + 0.02 * i))).astype(np.float32), 16000
+            )
+        else:
+            p = d / f"g{i}.npy"
+            np.save(p, rng.normal(size=(100, 3)).astype(np.float32))
+        good.append(p)
+    if modality == "point":
+        trimesh.creation.icosphere(subdivisions=2).export(d / "mesh.ply")
+        return good, _truncated(d / "mesh.ply")
+    return good, _truncated(good[0])
+
+
+ENCODERS_BY_MODALITY = {
+    "image": {"name": "patch_embed", "params": {"image_size": 32, "patch_size": 8, "width": 16}},
+    "audio": {"name": "mel_conv", "params": {"n_frames": 50, "width": 16, "num_tokens": 4}},
+    "point": {"name": "pointnet", "params": {"num_points": 64, "num_groups": 4, "group_size": 8}},
+}
+
+
+@pytest.mark.parametrize(
+    ("modality", "frozen"), [("image", True), ("audio", True), ("point", False)]
+)
+def test_corrupt_file_fails_or_is_skipped(setup, tmp_path, modality, frozen):
+    """A truncated file fails before training (default), naming it, or with on_corrupt: skip
+    its example is dropped with a warning naming it; it is never replaced by another item."""
+    from mmcompose.errors import MediaError
+    from mmcompose.model.media import CorruptFileWarning
+
+    good, bad = _media_set(tmp_path / "media", modality)
+    rows = [
+        {"id": p.stem, "path": str(p), "modality": modality, "label": "thing", "split": "train"}
+        for p in [*good, bad]
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "base_llm": str(setup["dir"] / "llm"),
+        "data": "m.jsonl",
+        "tower": {
+            "modality": modality,
+            "encoder": ENCODERS_BY_MODALITY[modality],
+            "projector": {"name": "linear"},
+            "freeze_encoder": frozen,
+        },
+        "stage1": {"epochs": 1, "batch_size": 4},
+        "stage2": {"epochs": 1, "batch_size": 4},
+        "feature_cache": str(tmp_path / "cache"),
+    }
+    out = tmp_path / "out"
+    with pytest.raises(MediaError) as info:
+        train(TrainConfig.model_validate(raw), out, config_dir=tmp_path, progress=False)
+    assert str(bad) in info.value.message and "on_corrupt: skip" in (info.value.hint or "")
+    assert not out.exists() and not Path(f"{out}.checkpoint").exists()  # nothing trained
+
+    cfg = TrainConfig.model_validate({**raw, "on_corrupt": "skip"})
+    with pytest.warns(CorruptFileWarning) as caught:
+        r = train(cfg, out, config_dir=tmp_path, progress=False)
+    (warning,) = [w for w in caught if issubclass(w.category, CorruptFileWarning)]
+    text = str(warning.message)
+    assert "skipped 1 unreadable file" in text and str(bad) in text and "2 of 14" in text
+    assert r.steps == 2 + 2  # 6 readable examples per stage, batches of 4
+    if frozen:  # the readable files are cached; the bad one is not (a fixed file is retried)
+        assert len(list((tmp_path / "cache" / "features").rglob("*.safetensors"))) == 6
+
+
+def test_feature_cache_build_on_corrupt(setup, tmp_path):
+    from mmcompose.errors import MediaError
+    from mmcompose.model.processor import MMProcessor
+    from mmcompose.model.towers import Tower
+    from mmcompose.train.features import FeatureCache
+
+    good, bad = _media_set(tmp_path / "media", "image")
+    cfg = TrainConfig.model_validate(
+        {
+            "base_llm": "x",
+            "data": "x",
+            "tower": {
+                "modality": "image",
+                "encoder": ENCODERS_BY_MODALITY["image"],
+                "projector": {"name": "linear"},
+            },
+        }
+    )
+    tower = Tower(cfg.tower, 8)
+    cache = FeatureCache(
+        tmp_path / "c", tower, MMProcessor(tiny_tokenizer(), {"image": cfg.tower.encoder})
+    )
+    bad = bad.rename(bad.with_name("g3-cut.png"))  # encoded in sorted order: g0 g1 | g2 g3-cut
+    items = [str(p) for p in [*good[:3], bad, *good[3:]]]
+    with pytest.raises(MediaError, match=r"g3-cut\.png"):
+        cache.build(items, batch_size=2, progress=False)
+    # Chunks before the bad file stay cached, so a rerun resumes; the failing chunk is not.
+    assert [cache.has(i) for i in items] == [True, True, False, False, False, False, False]
+    skipped = cache.build(items, batch_size=2, progress=False, on_corrupt="skip")
+    assert list(skipped) == [str(bad)] and "truncated" in skipped[str(bad)]
+    assert [cache.has(i) for i in items] == [True, True, True, False, True, True, True]
+    gone = str(tmp_path / "media" / "gone.png")  # a missing file is reported the same way
+    assert "not found" in cache.build([*items, gone], progress=False, on_corrupt="skip")[gone]
+
+
+def test_projector_input_size_mismatch_fails_before_any_data_is_read(setup, tmp_path, run):
+    cfg = yaml.safe_load(setup["config"].read_text())
+    cfg["base_llm"] = str(setup["dir"] / "llm")
+    cfg["data"] = str(tmp_path / "never-read.json")  # reading it would fail differently
+    cfg["stage1"].pop("data")
+    cfg["feature_cache"] = str(tmp_path / "cache")
+    cfg["tower"]["projector"] = {"name": "mlp2x_gelu", "params": {"input_dim": 1280}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = run("train", str(path), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "input_dim 1280" in r.stderr and "'patch_embed' outputs 32-dim" in r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    # The same with a Q-Former whose heads do not divide the encoder's width.
+    cfg["tower"]["projector"] = {"name": "qformer", "params": {"num_heads": 5}}
+    path.write_text(yaml.safe_dump(cfg))
+    r = run("train", str(path), "-o", str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not divisible by num_heads 5" in r.stderr and "patch_embed" in r.stderr
+
+
+def test_eval_on_corrupt(tiny_model_dir, tmp_path, run):
+    from mmcompose.model.media import CorruptFileWarning
+
+    good, bad = _media_set(tmp_path / "media", "image")
+    rows = [
+        {"id": p.stem, "path": str(p), "modality": "image", "label": lab, "split": "test"}
+        for p, lab in zip([*good[:3], bad], ["cat", "dog", "cat", "dog"], strict=True)
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", str(tiny_model_dir), "--data", str(manifest), "--mode", "loglikelihood"]
+    r = run(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    text = " ".join(r.stderr.split())  # rich wraps long lines
+    assert "cut-g0.png: image file is truncated" in text and "--on-corrupt skip" in text
+    with pytest.warns(CorruptFileWarning, match="skipped 1 unreadable file"):
+        r = run(*args, "--on-corrupt", "skip", "-o", str(tmp_path / "res"))
+    assert r.returncode == 0, r.stderr
+    (res,) = (tmp_path / "res").rglob("results_*.json")
+    doc = json.loads(res.read_text())
+    assert doc["n-samples"]["classify_image"]["effective"] == 3
+    assert doc["configs"]["classify_image"]["skipped_unreadable"] == [str(bad)]
+    assert run(*args, "--on-corrupt", "maybe").returncode == 2

@@ -58,19 +58,22 @@ def installed_version(distribution: str) -> str | None:
         return None
 
 
-def prepared_folder_is_complete(folder: Path, name: str, distribution: str, fmt: int) -> bool:
+def prepared_folder_is_complete(
+    folder: Path, name: str, distribution: str | None, fmt: int
+) -> bool:
     """Cheap check (stat only, no hashing) that a prepared asset folder is complete: its
     manifest is present, names ``name`` in format ``fmt``, and lists every file at its size.
 
     A different installed version of the source package invalidates the folder; an absent
     package does not, so a prepared cache keeps working after the package is uninstalled.
+    ``distribution=None``: the asset is made here (trained, not converted from a package).
     """
     manifest = read_json(folder / MANIFEST_NAME)
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         return False
     if manifest.get("name") != name or not isinstance(manifest.get("files"), dict):
         return False
-    installed = installed_version(distribution)
+    installed = installed_version(distribution) if distribution else None
     if installed is not None and installed != manifest.get("source", {}).get("version"):
         return False
     for rel, size in manifest["files"].items():

@@ -9,7 +9,11 @@ package keeps it usable), with
 
 - ``manifest.jsonl``: one record per item (id, absolute path, modality, label, caption, split);
 - ``mmcompose_manifest.json``: the dataset meta (sources with versions, counts per split and
-  label, seed), written last, so its presence marks the folder complete.
+  label, seed, split version), written last, so its presence marks the folder complete.
+
+Splits are stratified per label (:func:`assign_splits`), so a concept is held out in every
+modality at once, as the cross-modal benchmark needs. A folder prepared under an older split
+rule only gets its manifest rewritten (:func:`_resplit`); the media are not rendered again.
 
 The concept vocabulary (:data:`CONCEPTS`) is shared by all datasets on purpose: the same concept
 (cow) appears as an emoji, a spoken word, a mesh and a video, which the cross-modal benchmark
@@ -35,7 +39,7 @@ import time
 import unicodedata
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +53,11 @@ from mmcompose.assets.cache import (
     atomic_dir,
     cache_dir,
     read_json,
+    sha256_file,
     write_json_atomic,
 )
 from mmcompose.errors import MMComposeError, UnknownNameError
+from mmcompose.fs import atomic_file
 
 __all__ = [
     "CONCEPTS",
@@ -63,15 +69,17 @@ __all__ = [
     "dataset_dir",
     "prepare_datasets",
     "read_items",
-    "split_of",
+    "split_groups",
+    "split_quota",
 ]
 
-FORMAT = 1
+FORMAT = 1  # the files; a new split rule bumps SPLIT_VERSION only (manifest rewritten)
+SPLIT_VERSION = 2  # 1: per-item hash 80/10/10; 2: per-label stratified, groups kept together
 ITEMS_NAME = "manifest.jsonl"
 CONCEPTS_NAME = "concepts.json"
 SAMPLE_RATE = 16000
 MAX_IMAGE_SIDE = 256  # encoders take 224 px; keeps openclipart's 131 MB down to a few MB
-SPLIT_PERCENT = (80, 10, 10)  # train / val / test by a hash of the id
+HELD_OUT_PERCENT = 15  # per label, each of test and val (see split_quota)
 
 # --------------------------------------------------------------------------- sources
 # Module-level so tests can point them at tmp folders with monkeypatch.
@@ -239,28 +247,105 @@ def _hash_int(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def split_of(item_id: str, seed: int = 0) -> str:
-    """80/10/10 by a hash of (seed, id): stable across runs, machines and item order."""
-    bucket = _hash_int(seed, item_id) % 100
-    train, val, _ = SPLIT_PERCENT
-    return "train" if bucket < train else "val" if bucket < train + val else "test"
+def split_quota(n: int) -> tuple[int, int]:
+    """(test, val) item counts for a label with ``n`` items.
 
-
-def assign_splits(ids_labels: Sequence[tuple[str, str]], seed: int = 0) -> dict[str, str]:
-    """Hash splits, then move one item into train for each label that has none there.
-
-    Evaluating a classifier on a label it never trained on measures nothing, so every label
-    seen in val or test must also be in train; the moved item is the one with the lowest hash,
-    which keeps the choice deterministic.
+    Test: ceil(15%), at least 1, and 2 from 6 items on, so labels of 6-13 items (8 spoken
+    voices, 12 mesh poses, most openclipart labels) hold out 2: mini-MCUB's distinct input tuples
+    are products of these counts. Val: as many, fewer where train would drop below half.
+    n == 2: one test item (a val item too would leave none for training); n == 1: train only,
+    since a closed-set classifier must have seen every label it is tested on.
     """
-    splits = {i: split_of(i, seed) for i, _ in ids_labels}
-    by_label: dict[str, list[str]] = defaultdict(list)
-    for item_id, label in ids_labels:
-        by_label[label].append(item_id)
-    for ids in by_label.values():
-        if not any(splits[i] == "train" for i in ids):
-            splits[min(ids, key=lambda i: _hash_int("train", seed, i))] = "train"
+    if n < 2:
+        return 0, 0
+    if n == 2:
+        return 1, 0
+    test = max(2 if n >= 6 else 1, -(-n * HELD_OUT_PERCENT // 100))
+    val = max(1, min(test, n - test - -(-n // 2)))
+    return test, val
+
+
+def assign_splits(items: Sequence[Sequence[str]], seed: int = 0) -> dict[str, str]:
+    """id -> split for ``(id, label)`` or ``(id, label, group)`` tuples; pure and order-free.
+
+    Stratified per label, so every concept with enough items has held-out items in every
+    dataset (mini-MCUB needs concepts held out in 3-4 modalities at once), and every held-out
+    label keeps train items. A group (default: the item alone) never straddles splits. Within a
+    label, groups in order of sha256(seed, group) go to test while they fit its
+    :func:`split_quota`, then to val, else train; if groups are too big to fit, a label with two
+    or more train groups still moves its smallest one to an empty test (then val) split.
+    """
+    labels: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for item_id, label, *group in items:
+        labels[label][group[0] if group else item_id].append(item_id)
+    splits: dict[str, str] = {}
+    for groups in labels.values():
+        test, val = split_quota(sum(len(ids) for ids in groups.values()))
+        quota = {"test": test, "val": val}
+        filled = dict.fromkeys(quota, 0)
+        where: dict[str, str] = {}
+        for key in sorted(groups, key=lambda g: (_hash_int("split", seed, g), g)):
+            size = len(groups[key])
+            where[key] = next((s for s in quota if filled[s] + size <= quota[s]), "train")
+            if where[key] != "train":
+                filled[where[key]] += size
+        for split, want in quota.items():
+            in_train = [g for g in where if where[g] == "train"]
+            if want and not filled[split] and len(in_train) >= 2:
+                key = min(in_train, key=lambda g: len(groups[g]))  # ties: first in hash order
+                where[key] = split
+                filled[split] += len(groups[key])
+        for key, ids in groups.items():
+            splits.update(dict.fromkeys(ids, where[key]))
     return splits
+
+
+# Record fields naming the source an item was derived from, per dataset: items sharing one are
+# near-duplicates (segments of one video, pan/zoom clips over one image) kept in one split.
+SPLIT_SOURCE_FIELDS: dict[str, tuple[str, ...]] = {"clips": ("source", "image")}
+
+
+def split_groups(
+    name: str, records: Sequence[Mapping[str, Any]], files: Mapping[str, Path]
+) -> dict[str, str]:
+    """id -> group (its smallest member id, stable across machines) for :func:`assign_splits`.
+
+    Byte-identical files always share a group: openclipart files one drawing under several
+    folders, and a copy in test of a train image measures memory. Items sharing a source field
+    (:data:`SPLIT_SOURCE_FIELDS`) share a group unless it is their label's only source; then
+    they are split like a mesh's poses (a new motion of a seen image), else the label would have
+    no held-out clip. Mesh poses are never grouped: most labels have one mesh. ``files`` maps
+    each id to its file as it is on disk now.
+    """
+    parent = {rec["id"]: rec["id"] for rec in records}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def join(ids: Iterable[str]) -> None:
+        ids = sorted(ids)
+        for other in ids[1:]:
+            a, b = root(ids[0]), root(other)
+            parent[max(a, b)] = min(a, b)
+
+    by_key: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for rec in records:
+        by_key[("sha256", sha256_file(files[rec["id"]]))].append(rec["id"])
+    fields = SPLIT_SOURCE_FIELDS.get(name, ())
+    sources: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        key = next((str(rec[f]) for f in fields if rec.get(f) is not None), rec["id"])
+        sources[rec["label"]][key].append(rec["id"])
+    for label, groups in sources.items():
+        if len(groups) > 1:
+            for key, ids in groups.items():
+                by_key[("source", label, key)].extend(ids)
+    for ids in by_key.values():
+        join(ids)
+    return {item_id: root(item_id) for item_id in parent}
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -1051,8 +1136,9 @@ DATASETS: dict[str, DatasetSpec] = {
             "point",
             _build_meshes,
             (CGAL_SOURCE, PYBULLET_SOURCE),
-            "each label has 1-3 meshes, so val/test clouds are new samplings and poses of "
-            "meshes also seen in train: it measures recognition, not unseen-shape generalisation",
+            "each label has 1-3 meshes and poses are split per cloud, so val/test clouds are new "
+            "samplings and poses of meshes also seen in train: it measures recognition, not "
+            "unseen-shape generalisation",
         ),
         DatasetSpec(
             "clips",
@@ -1060,7 +1146,8 @@ DATASETS: dict[str, DatasetSpec] = {
             _build_clips,
             (OPENCV_SOURCE,),
             "opencv-doc video segments plus pan/zoom clips over the emoji, openclipart and "
-            "photos items",
+            "photos items; clips of one video or image share a split unless it is their "
+            "label's only source",
         ),
     )
 }
@@ -1088,7 +1175,11 @@ def read_items(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _is_complete(folder: Path, spec: DatasetSpec, seed: int) -> bool:
-    """Meta present (written last), same format and seed, and the item list still there."""
+    """Meta present (written last), same format and seed, and the item list still there.
+
+    The split version is not checked here: an older split only needs its manifest rewritten
+    (:func:`_resplit`), not its files rebuilt.
+    """
     meta = read_json(folder / MANIFEST_NAME)
     return (
         isinstance(meta, dict)
@@ -1099,81 +1190,149 @@ def _is_complete(folder: Path, spec: DatasetSpec, seed: int) -> bool:
     )
 
 
-def _records(items: list[Item], final: Path, seed: int) -> list[dict[str, Any]]:
+def _apply_splits(
+    name: str, records: list[dict[str, Any]], files: Mapping[str, Path], seed: int
+) -> None:
+    """Set every record's ``split`` in place: a pure function of the records and file bytes,
+    so a fresh build and a re-split of an old cache give the same manifest."""
+    groups = split_groups(name, records, files)
+    splits = assign_splits([(r["id"], r["label"], groups[r["id"]]) for r in records], seed)
+    for rec in records:
+        rec["split"] = splits[rec["id"]]
+
+
+def _records(
+    name: str, items: list[Item], final: Path, tmp: Path, seed: int
+) -> list[dict[str, Any]]:
     ids = [i.id for i in items]
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise MMComposeError(f"duplicate item id {dup!r} while building a dataset")
-    splits = assign_splits([(i.id, i.label) for i in items], seed)
-    return [
+    ordered = sorted(items, key=lambda i: i.id)
+    records = [
         {
             "id": i.id,
             "path": str(final / i.rel),
             "modality": i.modality,
             "label": i.label,
             "caption": i.caption,
-            "split": splits[i.id],
+            "split": "",
             **i.extra,
         }
-        for i in sorted(items, key=lambda i: i.id)
+        for i in ordered
     ]
+    _apply_splits(name, records, {i.id: tmp / i.rel for i in ordered}, seed)
+    return records
+
+
+SPLIT_RULE = (
+    f"per label, groups (byte-identical files; clips of one source video or image) in "
+    f"sha256(seed, group) order: ceil({HELD_OUT_PERCENT}%) of the label's items to test, as "
+    f"many to val (fewer if train would drop below half), the rest train; 2 items: 1 train + "
+    f"1 test; 1 item: train"
+)
+
+
+def _split_meta(records: list[dict[str, Any]]) -> dict[str, Any]:
+    labels: dict[str, Counter[str]] = defaultdict(Counter)
+    for rec in records:
+        labels[rec["label"]][rec["split"]] += 1
+    return {
+        "split_version": SPLIT_VERSION,
+        "split_rule": SPLIT_RULE,
+        "counts": dict(Counter(r["split"] for r in records)),
+        "labels": {k: dict(v) for k, v in sorted(labels.items())},
+    }
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(
+        p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+    )
 
 
 def _meta(spec: DatasetSpec, records: list[dict[str, Any]], tmp: Path, seed: int) -> dict:
     import mmcompose
 
-    labels: dict[str, Counter[str]] = defaultdict(Counter)
-    for rec in records:
-        labels[rec["label"]][rec["split"]] += 1
-    files = [p for p in tmp.rglob("*") if p.is_file()]
     return {
         "format": FORMAT,
         "kind": "dataset",
         "name": spec.name,
         "modality": spec.modality,
         "seed": seed,
-        "split_rule": "sha256(seed, id) % 100: <80 train, <90 val, else test; a label with no "
-        "train item gets its lowest-hash item moved to train",
         "sources": [
             {"package": s.package, "manager": s.manager, "version": s.version()}
             for s in spec.sources
         ],
         "num_items": len(records),
-        "counts": dict(Counter(r["split"] for r in records)),
-        "labels": {k: dict(v) for k, v in sorted(labels.items())},
-        "bytes": sum(p.stat().st_size for p in files),
+        **_split_meta(records),
+        "bytes": _folder_bytes(tmp),
         "note": spec.note,
         "created_with": {"mmcompose": getattr(mmcompose, "__version__", "unknown")},
     }
 
 
+def _write_items(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def _resplit(folder: Path, spec: DatasetSpec, seed: int) -> dict | None:
+    """Rewrite a complete dataset's split under the current rule, files untouched (espeak,
+    meshes and videos are slow to redo); idempotent. Returns the new meta, or None when a
+    listed file is gone (the caller then rebuilds).
+
+    manifest.jsonl is replaced first and the meta (with the new ``split_version``) last, so an
+    interruption in between only makes the next call re-split again, to the same result.
+    """
+    meta = read_json(folder / MANIFEST_NAME)
+    records = read_items(folder)
+    files = {r["id"]: Path(r["path"]) for r in records}
+    if not records or not all(p.is_file() for p in files.values()):
+        return None
+    _apply_splits(spec.name, records, files, seed)
+    with atomic_file(folder / ITEMS_NAME) as tmp:
+        _write_items(tmp, records)
+    meta.update(_split_meta(records), bytes=_folder_bytes(folder))
+    write_json_atomic(folder / MANIFEST_NAME, meta)
+    return meta
+
+
+def _report(name: str, meta: dict, what: str, seconds: float) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(meta["counts"].items()))
+    print(
+        f"mmcompose: dataset {name!r} {what}: {meta['num_items']} items ({counts}), "
+        f"{len(meta['labels'])} labels, {meta['bytes'] / 1e6:.1f} MB, {seconds:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _prepare_one(name: str, force: bool, progress: bool, seed: int) -> Path:
     spec = _spec(name)
     final = dataset_dir(name)
-    if not force and _is_complete(final, spec, seed):
-        return final
     started = time.perf_counter()
+    if not force and _is_complete(final, spec, seed):
+        if read_json(final / MANIFEST_NAME).get("split_version") == SPLIT_VERSION:
+            return final
+        meta = _resplit(final, spec, seed)
+        if meta is not None:
+            if progress:
+                _report(name, meta, "re-split", time.perf_counter() - started)
+            return final
     if progress:
         print(f"mmcompose: preparing dataset {name!r} into {final}", file=sys.stderr, flush=True)
     with atomic_dir(final, overwrite=True) as tmp:
         items = spec.build(tmp, seed)
         if not items:
             raise MMComposeError(f"dataset {name!r} came out empty: its sources hold no items")
-        records = _records(items, final, seed)
-        with open(tmp / ITEMS_NAME, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        records = _records(name, items, final, tmp, seed)
+        _write_items(tmp / ITEMS_NAME, records)
         meta = _meta(spec, records, tmp, seed)
         meta["prepare_seconds"] = round(time.perf_counter() - started, 2)
         write_json_atomic(tmp / MANIFEST_NAME, meta)
     if progress:
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(meta["counts"].items()))
-        print(
-            f"mmcompose: dataset {name!r} ready: {meta['num_items']} items ({counts}), "
-            f"{len(meta['labels'])} labels, {meta['bytes'] / 1e6:.1f} MB, "
-            f"{meta['prepare_seconds']:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+        _report(name, meta, "ready", meta["prepare_seconds"])
     return final
 
 

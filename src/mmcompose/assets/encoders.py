@@ -1,6 +1,7 @@
 """Pretrained modality encoders prepared offline from pip packages.
 
-Two encoders register themselves by name (``@register_encoder``):
+Two encoders register themselves by name (``@register_encoder``; the third pretrained one,
+``pointnet_meshes``, is trained here: ``mmcompose.assets.point_encoder``):
 
 - ``efficientnet_lite0`` (image): EfficientNet-Lite0 (ImageNet) as our own plain-torch module;
   the final 1280 x 7 x 7 feature grid of a 224 px image becomes 49 tokens.
@@ -119,9 +120,14 @@ def _asset(name: str) -> EncoderAsset:
         ) from None
 
 
+TRAINED_ENCODERS = ("pointnet_meshes",)
+"""Encoders trained here from a prepared dataset (``mmcompose.assets.point_encoder``), not
+converted from a package; ``prepare_encoders`` prepares them only when named (minutes)."""
+
+
 def encoder_asset_dir(name: str) -> Path:
-    """Where ``prepare_<name>()`` puts (or has put) the converted weights; prepares nothing."""
-    return cache_dir() / "encoders" / _asset(name).name
+    """Where ``prepare_<name>()`` puts (or has put) the weights; prepares nothing."""
+    return cache_dir() / "encoders" / (name if name in TRAINED_ENCODERS else _asset(name).name)
 
 
 def _find_source(asset: EncoderAsset) -> Path:
@@ -767,17 +773,25 @@ PREPARERS: dict[str, Callable[..., Path]] = {
 def prepare_encoders(
     names: list[str] | None = None, force: bool = False, progress: bool = True
 ) -> dict[str, Path]:
-    """Prepare the pretrained encoders (all by default); a prepared one returns at once.
+    """Prepare the pretrained encoders (the converted ones by default; ``pointnet_meshes``,
+    trained here in minutes, only when named); a prepared one returns at once.
 
     Every missing package is named in one error, so a user installs them in one go.
     """
+    from mmcompose.assets.point_encoder import prepare_pointnet_meshes
+
+    preparers = PREPARERS | {"pointnet_meshes": prepare_pointnet_meshes}
     chosen = list(PREPARERS) if names is None else names
     for name in chosen:
-        _asset(name)
+        if name not in preparers:
+            raise UnknownNameError(
+                f"unknown encoder asset {name!r}", hint=f"choose one of: {', '.join(preparers)}"
+            )
     missing = [
         ENCODER_ASSETS[n]
         for n in chosen
-        if (force or not _is_complete(encoder_asset_dir(n), ENCODER_ASSETS[n]))
+        if n in ENCODER_ASSETS
+        and (force or not _is_complete(encoder_asset_dir(n), ENCODER_ASSETS[n]))
         and importlib.util.find_spec(ENCODER_ASSETS[n].module) is None
     ]
     if missing:
@@ -786,4 +800,4 @@ def prepare_encoders(
             + ", ".join(f"{a.name} (package {a.distribution})" for a in missing),
             hint=" && ".join(a.install_hint for a in missing),
         )
-    return {n: PREPARERS[n](force=force, progress=progress) for n in chosen}
+    return {n: preparers[n](force=force, progress=progress) for n in chosen}

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mmcompose.errors import MMComposeError
 from mmcompose.modalities import canonical_modality
+from mmcompose.model.media import OnCorrupt, warn_skipped
 from mmcompose.model.modeling import MMComposeForCausalLM
 from mmcompose.model.processor import MMProcessor
 from mmcompose.train.data import QUESTIONS
@@ -53,6 +54,48 @@ def read_manifest(path: str | Path, split: str | None) -> list[dict[str, Any]]:
     return rows
 
 
+def readable_rows(
+    processor: MMProcessor,
+    rows: Sequence[dict[str, Any]],
+    on_corrupt: OnCorrupt = "fail",
+    warn: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The rows whose file loads, checked before any scoring (the same on every rank): an
+    unreadable file fails (``on_corrupt="fail"``) or its row is dropped and named in one
+    warning (``"skip"``), so no score is silently computed on a substitute."""
+    if on_corrupt not in ("fail", "skip"):
+        raise MMComposeError(f"unknown on_corrupt {on_corrupt!r}", hint="use fail or skip")
+    modality = canonical_modality(rows[0]["modality"])
+    skipped = processor.find_unreadable(modality, [r["path"] for r in rows], on_corrupt)
+    kept = [r for r in rows if str(r["path"]) not in skipped]
+    if skipped and not kept:
+        raise MMComposeError("every item's file is unreadable", hint="fix the files or paths")
+    if warn:
+        warn_skipped(skipped, f"eval ({len(kept)} of {len(rows)} items kept)")
+    return kept, skipped
+
+
+def answer_continuations(
+    processor: MMProcessor, messages: Sequence[dict[str, str]], answers: Sequence[str]
+) -> list[str]:
+    """Each answer rendered as the assistant's complete reply after ``messages`` (the text the
+    chat template adds after the generation prompt: answer + end of turn), so log-likelihood
+    scoring asks "is this the whole answer" and "cow" does not win over "cowboy" by prefix."""
+    prompt = processor.render_chat(messages, add_generation_prompt=True)
+    out = []
+    for a in answers:
+        full = processor.render_chat(
+            [*messages, {"role": "assistant", "content": a}], add_generation_prompt=False
+        )
+        if not full.startswith(prompt):
+            raise MMComposeError(
+                "the chat template does not render the answer after the generation prompt",
+                hint="log-likelihood scoring needs a template whose turns render as prefixes",
+            )
+        out.append(full[len(prompt) :])
+    return out
+
+
 @dataclass
 class ClassifyResult:
     modality: str
@@ -60,6 +103,20 @@ class ClassifyResult:
     labels: list[str]
     correct: dict[str, list[float]] = field(default_factory=dict)  # "acc,generate" -> 0/1 each
     samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def merge(cls, parts: Sequence[ClassifyResult]) -> ClassifyResult:
+        """Put the results of strided shards (``rows[rank::world]``) back in row order."""
+        from mmcompose.bench.distributed import interleave
+
+        first = parts[0]
+        return cls(
+            first.modality,
+            sum(p.n for p in parts),
+            first.labels,
+            {k: interleave([p.correct[k] for p in parts]) for k in first.correct},
+            interleave([p.samples for p in parts]),
+        )
 
 
 @torch.no_grad()
@@ -83,17 +140,10 @@ def classify(
     prompt_text = processor.format_prompt(f"<{modality}>\n{question}")
     prompt_ids = processor.tokenize(prompt_text)
     answers = [
-        processor.tokenize(
-            processor.render_chat(
-                [
-                    {"role": "user", "content": f"<{modality}>\n{question}"},
-                    {"role": "assistant", "content": lab},
-                ],
-                add_generation_prompt=False,
-            )[len(prompt_text) :],
-            add_special_tokens=False,
+        processor.tokenize(c, add_special_tokens=False)
+        for c in answer_continuations(
+            processor, [{"role": "user", "content": f"<{modality}>\n{question}"}], labels
         )
-        for lab in labels
     ]
     eos = [processor.tokenizer.eos_token_id]
     res = ClassifyResult(modality, len(rows), labels, {f"acc,{m}": [] for m in modes})

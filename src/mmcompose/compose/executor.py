@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,6 +291,7 @@ def _write_configs(plan: Plan, folder: Path) -> None:
         proc = {
             "processor_class": "MMProcessor",
             "use_chat_template": plan.use_chat_template,
+            "system_prompt": plan.system_prompt,
             "encoders": {
                 t.modality: t.encoder.model_dump(mode="json") for t in plan.output_config.towers
             },
@@ -393,8 +394,12 @@ def compose(
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = True,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> ComposeResult:
-    """Plan and write a composed checkpoint at ``out_dir`` (nothing there on any failure)."""
+    """Plan and write a composed checkpoint at ``out_dir`` (nothing there on any failure).
+
+    ``before_commit(folder)`` may add files (a search report) to the finished temporary
+    folder before it is renamed into place, so they appear atomically with the model."""
     if not isinstance(config, ComposeConfig):
         config = load_compose_config(config)
     out_dir = Path(out_dir)
@@ -410,6 +415,8 @@ def compose(
             _write_configs(plan, tmp)
             text = json.dumps(report(plan, files, warns), indent=2, default=str) + "\n"
             (tmp / REPORT_NAME).write_text(text)
+            if before_commit is not None:
+                before_commit(tmp)
         return ComposeResult(plan, out_dir, True, files, warns, time.perf_counter() - start)
     finally:
         for s in [*inputs.models, inputs.base]:

@@ -197,6 +197,7 @@ class Plan:
     dropped: list[Dropped]
     tokenizer_dir: Path | None
     use_chat_template: bool = True
+    system_prompt: str | None = None
     compute_dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     notes: list[str] = field(default_factory=list)
@@ -307,6 +308,7 @@ class _Planner:
         self.sources = [*inputs.models]
         self.n = len(inputs.models)
         self.base_idx: int | None = None
+        self.system_prompt: str | None = None  # from the tokenizer source's processor config
         if inputs.base is not None:
             same = [i for i, s in enumerate(inputs.models) if s is inputs.base]
             if same:
@@ -386,6 +388,7 @@ class _Planner:
             dropped=self.dropped,
             tokenizer_dir=tok_dir,
             use_chat_template=use_chat,
+            system_prompt=self.system_prompt,
             compute_dtype=self.compute_dtype,
             out_dtype=self.out_dtype,
             notes=self.notes,
@@ -782,9 +785,11 @@ class _Planner:
             log.warning("%s holds no tokenizer files; the output gets none", path)
             return None, True
         pc = path / "processor_config.json"
-        use_chat = True
+        use_chat, self.system_prompt = True, None
         if pc.is_file():
-            use_chat = bool(json.loads(pc.read_text()).get("use_chat_template", True))
+            data = json.loads(pc.read_text())
+            use_chat = bool(data.get("use_chat_template", True))
+            self.system_prompt = data.get("system_prompt")
         return path, use_chat
 
 

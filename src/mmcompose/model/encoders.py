@@ -4,9 +4,9 @@ An encoder maps a batch of preprocessed inputs to tokens ``(n, num_tokens, outpu
 It also knows how to load and preprocess one raw input (``load``/``preprocess``), so the
 processor needs only the encoder's name and parameters, never its weights.
 
-The built-in encoders here are small and randomly initialised (tests, laptops, and a point
-encoder we pretrain ourselves); pretrained ones (EfficientNet-Lite0, Whisper) live in
-``mmcompose.assets`` and register themselves the same way.
+The built-in encoders here are small and randomly initialised (tests, laptops); pretrained
+ones live in ``mmcompose.assets`` and register themselves the same way: EfficientNet-Lite0 and
+Whisper (converted from packages) and ``pointnet_meshes`` (``pointnet`` pretrained by us).
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ class Encoder(nn.Module):
 
 
 # Modules that register more encoders (pretrained ones; importer stand-ins), loaded on demand.
-ENCODER_PLUGINS = ("mmcompose.assets.encoders", "mmcompose.compose.importers")
+ENCODER_PLUGINS = (
+    "mmcompose.assets.encoders",
+    "mmcompose.assets.point_encoder",
+    "mmcompose.compose.importers",
+)
 ENCODERS: Registry[type[Encoder]] = Registry("encoder", plugins=ENCODER_PLUGINS)
 
 

@@ -9,12 +9,14 @@ reproducible across processes and runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import av
 import numpy as np
@@ -75,6 +77,45 @@ def _check_file(path: PathLike, kind: str, supported: Sequence[str]) -> Path:
     if p.stat().st_size == 0:
         raise MediaError(f"{kind} file is empty (0 bytes): {p}", hint="re-create or re-download it")
     return p
+
+
+# --------------------------------------------------------------------------- unreadable files
+OnCorrupt = Literal["fail", "skip"]
+"""What a dataset reader does with an input file that cannot be used (missing, empty,
+truncated, undecodable): ``fail`` raises its :class:`MediaError` (the default), ``skip``
+drops the item and reports it. Never silently replaced by another item or resampled."""
+
+SKIP_HINT = "or skip such files: `on_corrupt: skip` (train config), `--on-corrupt skip` (eval)"
+
+
+class CorruptFileWarning(UserWarning):
+    """Unreadable input files were skipped (``on_corrupt: skip``); the message names each."""
+
+
+def handle_unreadable(
+    path: PathLike, error: MediaError, on_corrupt: OnCorrupt, skipped: dict[str, str]
+) -> None:
+    """Apply the ``on_corrupt`` policy to one failed file: re-raise ``error`` with the path in
+    its message and the skip option in its hint, or record ``path -> reason`` in ``skipped``."""
+    if on_corrupt not in ("fail", "skip"):
+        raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+    message = error.message if str(path) in error.message else f"{path}: {error.message}"
+    if on_corrupt == "fail":
+        hint = f"{error.hint}; {SKIP_HINT}" if error.hint else SKIP_HINT
+        raise MediaError(message, hint=hint) from error
+    skipped[str(path)] = message
+
+
+def warn_skipped(skipped: Mapping[str, str], context: str) -> None:
+    """One warning with the count and every skipped path (and why); nothing if none."""
+    if not skipped:
+        return
+    lines = "".join(f"\n  {reason}" for reason in skipped.values())
+    warnings.warn(
+        f"{context}: skipped {len(skipped)} unreadable file(s) (on_corrupt: skip):{lines}",
+        CorruptFileWarning,
+        stacklevel=2,
+    )
 
 
 def _corrupt(kind: str, p: Path, exc: BaseException, hint: str | None = None) -> MediaError:
@@ -368,13 +409,39 @@ def _estimate_frame_count(container: Any, stream: Any) -> int:
     return 0
 
 
+# FFmpeg's demuxers report a file cut short only in their log (mov/mp4: "partial file",
+# matroska/webm: "Truncating packet", "File ended prematurely") and then end the stream early.
+_TRUNCATION_LOGS = ("partial file", "truncating packet", "file ended prematurely")
+
+
+@contextlib.contextmanager
+def _ffmpeg_error_log() -> Iterator[list[str]]:
+    """Collect FFmpeg's error-level log lines (PyAV ignores FFmpeg's log by default); the
+    list is filled when the block ends. The previous log level is restored."""
+    import av.logging
+
+    previous = av.logging.get_level()
+    if previous is None or previous < av.logging.ERROR:
+        av.logging.set_level(av.logging.ERROR)
+    lines: list[str] = []
+    try:
+        with av.logging.Capture(local=False) as logs:
+            yield lines
+    finally:
+        av.logging.set_level(previous)
+    lines += [str(entry[2]).strip() for entry in logs]
+
+
 def _decode_pass(p: Path, wanted: np.ndarray | None) -> tuple[dict[int, np.ndarray], int]:
     """Decode every frame in order (no seeking: seeks land on keyframes, not exact frames),
-    converting only the ``wanted`` indices to RGB; returns them and the true frame count."""
+    converting only the ``wanted`` indices to RGB; returns them and the true frame count.
+
+    A truncated file fails here: sampling the frames that survive would silently give a
+    different clip (the second pass for lying frame counts would spread over fewer frames)."""
     picked: dict[int, np.ndarray] = {}
     wanted_set = set() if wanted is None else {int(i) for i in wanted}
     count, shape = 0, None
-    with av.open(str(p)) as container:
+    with _ffmpeg_error_log() as log, av.open(str(p)) as container:
         if not container.streams.video:
             raise MediaError(f"video file has no video stream: {p}", hint="is it an audio file?")
         stream = container.streams.video[0]
@@ -386,6 +453,12 @@ def _decode_pass(p: Path, wanted: np.ndarray | None) -> tuple[dict[int, np.ndarr
                 rgb = frame.reformat(width=shape[0], height=shape[1], format="rgb24")
                 picked[count] = rgb.to_ndarray()
             count += 1
+    cut = [line for line in log if any(t in line.lower() for t in _TRUNCATION_LOGS)]
+    if cut:
+        raise MediaError(
+            f"video file is truncated: {p} (ffmpeg: {cut[0]}; {count} frames decodable)",
+            hint="re-download or re-export it",
+        )
     return picked, count
 
 
@@ -485,6 +558,39 @@ def _load_npy_points(p: Path) -> np.ndarray:
         )
 
 
+def _off_header_counts(p: Path) -> tuple[int, int] | None:
+    """(vertices, faces) declared by an OFF header ("OFF" or its variants, then the counts,
+    possibly on the same line, comments allowed); None when the header is not plain."""
+    tokens: list[str] = []
+    with p.open("rb") as f:
+        for raw in f:
+            tokens += raw.split(b"#", 1)[0].decode("ascii", "replace").split()
+            if len(tokens) >= 3:
+                break
+    if not tokens or not tokens[0].upper().endswith("OFF"):
+        return None
+    try:
+        return int(tokens[1]), int(tokens[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def _check_off_counts(p: Path, geom: Any) -> None:
+    """OFF declares its vertex and face counts; trimesh reads a file cut short without a
+    word, so compare. (Faces can only grow: trimesh splits polygons into triangles.)"""
+    declared = _off_header_counts(p)
+    if declared is None:
+        return
+    vertices = len(getattr(geom, "vertices", ()))
+    faces = len(getattr(geom, "faces", ()))
+    if vertices < declared[0] or faces < declared[1]:
+        raise MediaError(
+            f"mesh file is truncated: {p} (header declares {declared[0]} vertices and "
+            f"{declared[1]} faces, {vertices} and {faces} present)",
+            hint="re-download or re-export it",
+        )
+
+
 def load_point_cloud(path: PathLike, num_samples: int = 8192, seed: int = 0) -> np.ndarray:
     """Load points as float32 (N, 3), or (N, 6) with rgb in [0, 1].
 
@@ -506,6 +612,8 @@ def load_point_cloud(path: PathLike, num_samples: int = 8192, seed: int = 0) -> 
             geom = geom.to_geometry() if geom.geometry else None
     except Exception as exc:  # trimesh's parsers raise many unrelated exception types
         raise _corrupt("point cloud", p, exc) from exc
+    if suffix == ".off":
+        _check_off_counts(p, geom)
     if isinstance(geom, trimesh.Trimesh) and len(geom.faces) > 0:
         if not geom.area > 0:
             raise MediaError(f"mesh in {p} has no surface area", hint="check the mesh's faces")

@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mmcompose.errors import CheckpointError, PlaceholderError
+from mmcompose.errors import CheckpointError, MediaError, PlaceholderError
 from mmcompose.modalities import MODALITIES, canonical_modality
 from mmcompose.model.config import PROCESSOR_CONFIG, MMConfig, ModuleSpec
 from mmcompose.model.encoders import ENCODERS, encoder_params
+from mmcompose.model.media import OnCorrupt, handle_unreadable
 from mmcompose.model.splice import SENTINELS
 
 PLACEHOLDER_RE = re.compile("(" + "|".join(f"<{m}>" for m in MODALITIES) + ")")
@@ -36,15 +37,25 @@ class MMProcessor:
         tokenizer: PreTrainedTokenizerBase,
         encoders: Mapping[str, ModuleSpec],
         use_chat_template: bool = True,
+        system_prompt: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.encoders = {canonical_modality(m): s for m, s in encoders.items()}
         self.use_chat_template = use_chat_template
+        # Given to conversations without a system turn; None keeps the template's default.
+        self.system_prompt = system_prompt
         self._special_prefix = _special_prefix(tokenizer)
 
     @classmethod
-    def from_config(cls, config: MMConfig, tokenizer: PreTrainedTokenizerBase) -> MMProcessor:
-        return cls(tokenizer, {t.modality: t.encoder for t in config.towers})
+    def from_config(
+        cls,
+        config: MMConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        system_prompt: str | None = None,
+    ) -> MMProcessor:
+        return cls(
+            tokenizer, {t.modality: t.encoder for t in config.towers}, system_prompt=system_prompt
+        )
 
     @property
     def modalities(self) -> list[str]:
@@ -68,6 +79,8 @@ class MMProcessor:
         Training renders conversation prefixes with this same function, so the prompt a model
         sees at inference is tokenised exactly as during training."""
         tok = self.tokenizer
+        if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         if getattr(tok, "chat_template", None):
             return tok.apply_chat_template(
                 list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
@@ -114,6 +127,20 @@ class MMProcessor:
                 item = cls.load(item, params)
             out.append(cls.preprocess(item, params))
         return torch.stack(out)
+
+    def find_unreadable(
+        self, modality: str, items: Sequence[str | Path], on_corrupt: OnCorrupt = "fail"
+    ) -> dict[str, str]:
+        """Load and preprocess each file once (results dropped) before real work starts, so a
+        bad file fails up front (``on_corrupt="fail"``: its MediaError, naming it) or is
+        returned as path -> reason for the caller to drop (``"skip"``)."""
+        skipped: dict[str, str] = {}
+        for item in dict.fromkeys(str(i) for i in items):
+            try:
+                self.preprocess(modality, [item])
+            except MediaError as e:
+                handle_unreadable(item, e, on_corrupt, skipped)
+        return skipped
 
     def __call__(
         self,
@@ -174,6 +201,7 @@ class MMProcessor:
         cfg = {
             "processor_class": "MMProcessor",
             "use_chat_template": self.use_chat_template,
+            "system_prompt": self.system_prompt,
             "encoders": {m: s.model_dump(mode="json") for m, s in self.encoders.items()},
         }
         (path / PROCESSOR_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -193,7 +221,12 @@ class MMProcessor:
         if pc.is_file():
             data = json.loads(pc.read_text())
             encoders = {m: ModuleSpec(**s) for m, s in data.get("encoders", {}).items()}
-            return cls(tokenizer, encoders, data.get("use_chat_template", True))
+            return cls(
+                tokenizer,
+                encoders,
+                data.get("use_chat_template", True),
+                data.get("system_prompt"),
+            )
         return cls.from_config(MMConfig.from_dir(path), tokenizer)
 
 

@@ -22,7 +22,12 @@ class Tower(nn.Module):
                 f"but the tower is for {cfg.modality}",
                 hint="pick an encoder of the tower's modality",
             )
-        self.projector = build_projector(cfg.projector, self.encoder.output_dim, hidden_size)
+        self.projector = build_projector(
+            cfg.projector,
+            self.encoder.output_dim,
+            hidden_size,
+            source=f"the {cfg.modality} encoder {cfg.encoder.name!r}",
+        )
         # Zero-initialised, as in DAMC: the block starts out as plain projected features.
         self.prefix = (
             nn.Parameter(torch.zeros(cfg.num_prefix, hidden_size)) if cfg.num_prefix else None
@@ -42,8 +47,14 @@ class Tower(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Raw preprocessed inputs (n, ...) -> encoder tokens (n, N, d_enc)."""
         if self.cfg.freeze_encoder:
+            from mmcompose.model import encode_memo
+
+            memo = encode_memo.active()
             with torch.no_grad():
-                return self.encoder(x)
+                if memo is None:
+                    return self.encoder(x)
+                key = memo.fingerprint_of(self.cfg.encoder.model_dump_json(), self.encoder)
+                return memo.encode(key, x, self.encoder)
         return self.encoder(x)
 
     def project(self, features: Tensor) -> Tensor:

@@ -57,13 +57,23 @@ def load_conversations(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
             raise DataError(f"{path}: record {i} has no 'conversations' list")
         for turn in r["conversations"]:
-            if turn.get("from") not in ROLES:
+            who = turn.get("from") if isinstance(turn, dict) else turn
+            if not isinstance(who, str) or who not in ROLES:
                 raise DataError(
-                    f"{path}: record {r.get('id', i)} has a turn from {turn.get('from')!r}",
+                    f"{path}: record {r.get('id', i)} has a turn from {who!r}",
                     hint=f"use one of {', '.join(ROLES)}",
                 )
+        raw = r.get("modal_inputs") or {}
+        if not isinstance(raw, dict) or not all(
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))
+            for v in raw.values()
+        ):
+            raise DataError(
+                f"{path}: record {r.get('id', i)} has malformed 'modal_inputs'",
+                hint='map each modality to a path or a list of paths: {"vision": ["a.jpg"]}',
+            )
         modal = {}
-        for k, v in (r.get("modal_inputs") or {}).items():
+        for k, v in raw.items():
             items = [v] if isinstance(v, str) else list(v)
             modal[canonical_modality(k)] = [
                 str((path.parent / p).resolve()) if not Path(p).is_absolute() else p for p in items
@@ -157,4 +167,28 @@ def conversations_from_manifest(
                 "modal_inputs": {m: [r["path"]]},
             }
         )
+    return out
+
+
+def drop_unreadable(
+    datasets: Mapping[int, list[Example]], modality: str, skipped: Mapping[str, str], warn: bool
+) -> dict[int, list[Example]]:
+    """Drop the examples (per stage) that use a skipped file (``on_corrupt: skip``), with one
+    warning naming every file and the count; a stage left with no example fails."""
+    from mmcompose.model.media import warn_skipped
+
+    out = {
+        k: [e for e in v if not set(e.inputs.get(modality, [])) & set(skipped)]
+        for k, v in datasets.items()
+    }
+    for stage, examples in out.items():
+        if datasets[stage] and not examples:
+            raise DataError(
+                f"every stage {stage} example uses an unreadable {modality} file",
+                hint="fix the files or the data paths",
+            )
+    if warn:
+        dropped = sum(len(datasets[k]) - len(out[k]) for k in out)
+        total = sum(len(v) for v in datasets.values())
+        warn_skipped(skipped, f"training data ({dropped} of {total} examples dropped)")
     return out

@@ -25,13 +25,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
-from mmcompose.errors import ConfigError
+from mmcompose.errors import ConfigError, MMComposeError
 from mmcompose.fs import atomic_dir, write_json_atomic
 from mmcompose.model.config import AdapterSpec, LoRAConfig, TowerConfig
 from mmcompose.model.modeling import MMComposeForCausalLM
 from mmcompose.model.processor import MMProcessor
 from mmcompose.model.splice import IGNORE_INDEX
-from mmcompose.train.data import Example, encode_example, load_conversations
+from mmcompose.train.data import Example, drop_unreadable, encode_example, load_conversations
 from mmcompose.train.features import FeatureCache
 
 
@@ -74,6 +74,20 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=50, gt=0)
     feature_cache: str | None = None  # default: the asset cache
     device: str = "cpu"
+    # A media file that cannot be read (missing, truncated, undecodable): fail before training
+    # (default), or skip the examples using it, with a warning naming each file.
+    on_corrupt: Literal["fail", "skip"] = "fail"
+    # The system prompt every conversation gets when it has none (saved with the processor, so
+    # inference renders prompts the same way). None: the chat template's own default
+    # (SmolLM2's adds 16 tokens to every example); "": an empty system turn.
+    system_prompt: str | None = None
+    # "lstsq": fit the projector's output layer in closed form onto the embeddings of the
+    # stage-2 answers before stage 1 (see mmcompose.train.anchor); "random": plain init.
+    projector_init: Literal["random", "lstsq"] = "random"
+    # A trained model folder to start the tower (projector, prefix/suffix) from, e.g. a
+    # stage-1 run shared by the shared and decoupled variants (then stage1.epochs: 0).
+    init_from: str | None = None
+    init_ridge: float = Field(default=0.03, gt=0)
 
 
 def load_train_config(path: str | Path) -> tuple[TrainConfig, Path]:
@@ -218,7 +232,11 @@ def train(
         dropout=config.lora.dropout,
     )
     model = MMComposeForCausalLM.from_base_llm(llm_dir, [config.tower], lora).to(config.device)
-    processor = MMProcessor.from_config(model.config, AutoTokenizer.from_pretrained(str(llm_dir)))
+    processor = MMProcessor.from_config(
+        model.config,
+        AutoTokenizer.from_pretrained(str(llm_dir)),
+        system_prompt=config.system_prompt,
+    )
     cache_root = Path(config.feature_cache) if config.feature_cache else _default_cache()
     features = FeatureCache(cache_root, model.towers[m], processor)
 
@@ -229,14 +247,31 @@ def train(
         datasets[idx] = [encode_example(processor, r, config.max_length) for r in records]
     items = sorted({p for ex in (*datasets[1], *datasets[2]) for p in ex.inputs.get(m, [])})
     frozen = config.tower.freeze_encoder  # only a frozen encoder's outputs can be cached
+    # Every file is read here, before training: a bad one fails or is skipped (on_corrupt).
+    skipped: dict[str, str] = {}
     if rank == 0 and frozen:
-        features.build(items, progress=progress)
+        skipped = features.build(items, progress=progress, on_corrupt=config.on_corrupt)
+    elif not frozen:
+        skipped = processor.find_unreadable(m, items, config.on_corrupt)
     if world > 1:
         dist.barrier()
+    if frozen and rank > 0:  # rank 0 has cached every readable file
+        skipped = {i: f"{i}: unreadable" for i in items if not features.has(i)}
+    if skipped:
+        datasets = drop_unreadable(datasets, m, skipped, warn=rank == 0)
 
     ckpt = Path(f"{out_dir}.checkpoint")
+    init_note: dict = {}
+    if config.init_from and not (ckpt / "state.pt").is_file():
+        init_note = _init_tower_from(model, m, Path(config.init_from), config_dir)
+    elif config.projector_init == "lstsq" and not (ckpt / "state.pt").is_file():
+        init_note = _anchor_projector(
+            model, processor, features, datasets[2], m, frozen, config.init_ridge
+        )
     state = _load_checkpoint(ckpt, model)
     log: list[dict] = state.get("log", [])
+    if init_note:
+        log.append({"stage": 0, **init_note})
     pad = processor.tokenizer.pad_token_id or 0
     step_global = 0
     loss_value = float("nan")
@@ -317,6 +352,88 @@ def train(
     return TrainResult(
         out_dir, step_global, time.perf_counter() - started, loss_value, _peak_rss_mb()
     )
+
+
+def _init_tower_from(model: MMComposeForCausalLM, modality: str, path: Path, base: Path) -> dict:
+    """Copy the trainable tower weights (not the encoder) of a trained model folder."""
+    from mmcompose.io import load_state_dict
+
+    path = path if path.is_absolute() else base / path
+    prefix = f"towers.{modality}."
+    try:
+        state = load_state_dict(path)
+    except (OSError, ValueError, MMComposeError) as e:
+        raise ConfigError(f"init_from {path}: cannot read its weights: {e}") from None
+    own = model.state_dict()
+    take = {
+        k: v for k, v in state.items() if k.startswith(prefix) and ".encoder." not in k and k in own
+    }
+    if not take:
+        raise ConfigError(
+            f"init_from {path} holds no {modality} tower weights",
+            hint="point it at a model trained for the same modality",
+        )
+    bad = [k for k, v in take.items() if v.shape != own[k].shape]
+    if bad:
+        raise ConfigError(
+            f"init_from {path}: {bad[0]} has shape {tuple(take[bad[0]].shape)}, "
+            f"this config builds {tuple(own[bad[0]].shape)}",
+            hint="use the same tower settings (encoder, projector, prefix/suffix) as that run",
+        )
+    model.load_state_dict(take, strict=False)
+    return {"init_from": str(path), "tensors": len(take)}
+
+
+def _anchor_projector(
+    model: MMComposeForCausalLM,
+    processor: MMProcessor,
+    features: FeatureCache,
+    examples: list[Example],
+    modality: str,
+    frozen: bool,
+    ridge: float = 0.1,
+) -> dict:
+    """Closed-form init of the projector's output layer (TrainConfig.projector_init)."""
+    from mmcompose.train.anchor import answer_targets, fit_output_layer
+
+    tower = model.towers[modality]
+    special = set(processor.tokenizer.all_special_ids)
+    paths, answers = [], []
+    for ex in examples:
+        ans = []
+        for t in ex.labels:
+            if t == IGNORE_INDEX:
+                continue
+            if t in special:
+                break
+            ans.append(t)
+        if len(ex.inputs.get(modality, [])) == 1 and ans:
+            paths.append(ex.inputs[modality][0])
+            answers.append(ans)
+    if not paths:
+        return {}
+    with torch.no_grad():
+        if frozen:
+            feats = features.get(paths)
+        else:
+            feats = torch.cat(
+                [
+                    tower.encode(processor.preprocess(modality, paths[i : i + 32]))
+                    for i in range(0, len(paths), 32)
+                ]
+            )
+        n_out = tower.projector(feats[:1]).shape[1]
+    embed = model.language_model.get_input_embeddings().weight.detach()
+    newline = embed[processor.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]]
+    targets = answer_targets(embed, answers, n_out, pad=newline)
+    residual = fit_output_layer(tower.projector, feats.float(), targets, ridge)
+    # Zero prefix/suffix vectors silence the frozen LLM (0/19 above); newlines read as
+    # layout. Stages 1 and 2 then learn them as usual.
+    with torch.no_grad():
+        for affix in (tower.prefix, tower.suffix):
+            if affix is not None:
+                affix.copy_(newline.expand_as(affix))
+    return {"projector_init": "lstsq", "examples": len(paths), "relative_residual": residual}
 
 
 def _records(data: str | list[str], base: Path, split: str, stage: int, seed: int) -> list[dict]:
