@@ -169,7 +169,9 @@ def option_logprobs_by_forward(model, proc, item: MCUBItem) -> dict[str, float]:
     out = {}
     for letter, text in item.options.items():
         full = proc.render_chat([*msgs, {"role": "assistant", "content": text}], False)
-        cont = proc.tokenize(full[len(prompt) :], add_special_tokens=False)
+        answer = full[len(prompt) :]  # scored up to and including the end-of-turn token
+        answer = answer[: answer.index("<|im_end|>") + len("<|im_end|>")]
+        cont = proc.tokenize(answer, add_special_tokens=False)
         ids = torch.tensor([proc.tokenize(prompt) + cont])
         logits = model(ids, modal_inputs=modal).logits[0]  # over the spliced sequence
         logp = logits[-len(cont) - 1 : -1].float().log_softmax(-1)
@@ -189,7 +191,7 @@ def test_loglikelihood_scoring_matches_plain_forward(tmp_path, media_files, tiny
         assert s["prediction"]["loglikelihood"] == max(ref, key=ref.get)
         norm = {k: v / s["option_bytes"][k] for k, v in ref.items()}
         assert s["prediction"]["loglikelihood_norm"] == max(norm, key=norm.get)
-        assert s["option_bytes"]["A"] == len(f"{it.options['A']}<|im_end|>\n".encode())
+        assert s["option_bytes"]["A"] == len(f"{it.options['A']}<|im_end|>".encode())
     for key, pred in (
         ("acc,loglikelihood", "loglikelihood"),
         ("acc_norm,loglikelihood", "loglikelihood_norm"),

@@ -154,14 +154,21 @@ def quickstart(
         Path, typer.Option("--out", "-o", help="Report folder (markdown, results JSON, chart).")
     ] = Path("runs/quickstart"),
     force: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    full: Annotated[
+        bool,
+        typer.Option(help="Whole test splits, all of mini-MCUB, generation too (slow)."),
+    ] = False,
 ) -> None:
     """Prepare assets, train image/audio/point MLLMs (shared and decoupled), compose NaiveMC
     and DAMC, evaluate everything on each test split and mini-MCUB. Cached: a second run
     only re-reads results."""
-    from mmcompose.quickstart import run_quickstart
+    from mmcompose.quickstart import Budget, run_quickstart
 
     r = run_quickstart(
-        out_dir, force=force, log=lambda s: err.print(s, highlight=False, markup=False)
+        out_dir,
+        force=force,
+        budget=Budget.full() if full else Budget(),
+        log=lambda s: err.print(s, highlight=False, markup=False),
     )
     t = Table("model", *r.columns, title="mmcompose quickstart: accuracy (%)")
     for row in r.rows:

@@ -79,7 +79,8 @@ def answer_continuations(
     processor: MMProcessor, messages: Sequence[dict[str, str]], answers: Sequence[str]
 ) -> list[str]:
     """Each answer rendered as the assistant's complete reply after ``messages`` (the text the
-    chat template adds after the generation prompt: answer + end of turn), so log-likelihood
+    chat template adds after the generation prompt: answer + end of turn, cut after the
+    end-of-turn token), so log-likelihood
     scoring asks "is this the whole answer" and "cow" does not win over "cowboy" by prefix."""
     prompt = processor.render_chat(messages, add_generation_prompt=True)
     out = []
@@ -92,7 +93,13 @@ def answer_continuations(
                 "the chat template does not render the answer after the generation prompt",
                 hint="log-likelihood scoring needs a template whose turns render as prefixes",
             )
-        out.append(full[len(prompt) :])
+        cont = full[len(prompt) :]
+        # Stop at the end-of-turn token: what the template adds after it ("\n") is the same
+        # for every answer, so scoring it changes no ranking and costs a token per option.
+        eos = processor.tokenizer.eos_token
+        if eos and eos in cont:
+            cont = cont[: cont.index(eos) + len(eos)]
+        out.append(cont)
     return out
 
 
