@@ -26,7 +26,7 @@ from mmcompose.model.lora import LoRALinear, lora_layers
 from mmcompose.model.modeling import MMComposeForCausalLM
 from mmcompose.model.processor import MMProcessor
 from mmcompose.model.splice import ROUTE_IDS
-from mmcompose.testing import build_tiny_model, tiny_inputs
+from mmcompose.testing import build_tiny_model, compose_config, save_tiny_single, tiny_inputs
 
 MODS = ("image", "audio", "point")
 PROMPT = "image: <image>\naudio: <audio>\npoint: <point>\nwhat do they share?"
@@ -165,11 +165,7 @@ def test_text_only_merge_matches_mergekit(text_merges, llm_dir, method):
 # ---------------------------------------------------------------- (2) NaiveMC
 
 
-def _save_single(folder: Path, modality: str, strategy: str, adapter_seed: int) -> Path:
-    model, proc = build_tiny_model((modality,), strategy, seed=0, adapter_seed=adapter_seed)
-    path = folder / f"{strategy}-{modality}"
-    model.save_pretrained(path, processor=proc)
-    return path
+_save_single = save_tiny_single
 
 
 @pytest.fixture(scope="module")
@@ -182,11 +178,7 @@ def sources(tmp_path_factory) -> dict[str, list[Path]]:
 
 
 def _config(paths, method="linear", weights=None, **extra) -> dict:
-    models = [
-        {"model": str(p), **({"parameters": {"weight": w}} if w is not None else {})}
-        for p, w in zip(paths, weights or [None] * len(paths), strict=True)
-    ]
-    return {"merge_method": method, "models": models, **extra}
+    return compose_config(paths, method, weights, **extra)
 
 
 def _dense(state, lin: str, adapter: str, scaling: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ from mmcompose.compose.search import (
 from mmcompose.errors import ConfigError, MergeError
 from mmcompose.model.modeling import MMComposeForCausalLM
 from mmcompose.model.processor import MMProcessor
-from mmcompose.testing import build_tiny_model, tiny_inputs
+from mmcompose.testing import compose_config, save_tiny_single, tiny_inputs
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
 MODS = ("image", "audio")
@@ -208,11 +208,7 @@ def test_start_and_with_weights(tmp_path):
 # ---------------------------------------------------------------- tiny models
 
 
-def _save_single(folder: Path, modality: str, strategy: str, adapter_seed: int) -> Path:
-    model, proc = build_tiny_model((modality,), strategy, seed=0, adapter_seed=adapter_seed)
-    path = folder / f"{strategy}-{modality}"
-    model.save_pretrained(path, processor=proc)
-    return path
+_save_single = save_tiny_single
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +221,7 @@ def sources(tmp_path_factory) -> dict[str, list[Path]]:
 
 
 def _cfg(paths, method="task_arithmetic", weights=None, **extra) -> dict:
-    models = [
-        {"model": str(p), **({"parameters": {"weight": w}} if w is not None else {})}
-        for p, w in zip(paths, weights or [None] * len(paths), strict=True)
-    ]
-    return {"merge_method": method, "models": models, **extra}
+    return compose_config(paths, method, weights, **extra)
 
 
 def _yaml(folder: Path, name: str, cfg: dict) -> Path:

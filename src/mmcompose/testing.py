@@ -215,3 +215,23 @@ def tiny_inputs(seed: int = 0) -> dict[str, Any]:
         "video": rng.integers(0, 255, (4, 20, 20, 3), dtype=np.uint8),
         "point": rng.standard_normal((300, 3)).astype(np.float32),
     }
+
+
+def save_tiny_single(folder: Path, modality: str, strategy: str, adapter_seed: int) -> Path:
+    """A tiny single-modality model (shared base weights, its own adapters) saved for
+    composition tests as ``folder/<strategy>-<modality>``."""
+    model, proc = build_tiny_model((modality,), strategy, seed=0, adapter_seed=adapter_seed)
+    path = Path(folder) / f"{strategy}-{modality}"
+    model.save_pretrained(path, processor=proc)
+    return path
+
+
+def compose_config(
+    paths: Sequence[Path], method: str = "linear", weights: Sequence[Any] | None = None, **extra
+) -> dict[str, Any]:
+    """A composition config dict (mergekit's schema) over ``paths`` with optional weights."""
+    models = [
+        {"model": str(p), **({"parameters": {"weight": w}} if w is not None else {})}
+        for p, w in zip(paths, weights or [None] * len(paths), strict=True)
+    ]
+    return {"merge_method": method, "models": models, **extra}

@@ -333,12 +333,9 @@ def _is_complete(folder: Path) -> bool:
 
 def _read_rows(manifest: Path) -> list[dict[str, Any]]:
     """Manifest rows; relative paths resolve against the manifest's folder."""
-    try:
-        rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
-    except FileNotFoundError:
-        raise MMComposeError(f"manifest {manifest} not found") from None
-    except json.JSONDecodeError as e:
-        raise MMComposeError(f"{manifest} is not JSONL: {e}") from None
+    from mmcompose.bench.classify import read_manifest
+
+    rows = read_manifest(manifest, None)
     for r in rows:
         r["path"] = str(manifest.parent / r["path"])  # an absolute path stays as it is
     return rows
