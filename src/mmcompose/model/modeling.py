@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,23 +244,30 @@ class MMComposeForCausalLM(nn.Module):
         hidden = self._decode(sp.embeds, sp.attention_mask, sp.position_ids, sp.routes, cache)
         head = self.language_model.get_output_embeddings()
         first = head(hidden[:, -1]).float().log_softmax(-1)[0]  # (V,)
-        k, width = len(continuations), max(len(c) for c in continuations)
-        ids = torch.zeros(k, width, dtype=torch.long, device=self.device)
-        cmask = torch.zeros(k, width, dtype=torch.long, device=self.device)
-        for i, c in enumerate(continuations):
-            ids[i, : len(c)] = torch.tensor(list(c), device=self.device)
-            cmask[i, : len(c)] = 1
-        score = first[ids[:, 0]]
-        if width > 1:
-            cache.batch_repeat_interleave(k)
-            mask = torch.cat([sp.attention_mask.expand(k, -1), cmask[:, :-1]], dim=1)
-            start = sp.position_ids[0, -1] + 1
-            pos = (start + torch.arange(width - 1, device=self.device)).expand(k, -1)
-            embed = self.language_model.get_input_embeddings()
-            h = self._decode(embed(ids[:, :-1]), mask, pos, None, cache)
-            logp = head(h).float().log_softmax(-1)  # (K, width-1, V)
-            tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            score = score + (tok * cmask[:, 1:]).sum(-1)
+        conts = [torch.tensor(list(c), dtype=torch.long, device=self.device) for c in continuations]
+        score = first[torch.stack([c[0] for c in conts])].clone()
+        # The rest, grouped by length: no padding, so every decoded position is scored and the
+        # LM head (49k x 576 for SmolLM2) runs only on real tokens. Each group gets its own
+        # copy of the prompt's cache (repeating it is in place).
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(conts):
+            if len(c) > 1:
+                groups.setdefault(len(c), []).append(i)
+        start = sp.position_ids[0, -1] + 1
+        embed = self.language_model.get_input_embeddings()
+        for n, (length, idx) in enumerate(sorted(groups.items())):
+            kv = cache if n == len(groups) - 1 else copy.deepcopy(cache)
+            kv.batch_repeat_interleave(len(idx))
+            ids = torch.stack([conts[i] for i in idx])  # (g, length)
+            ones = torch.ones(
+                len(idx), length - 1, dtype=sp.attention_mask.dtype, device=self.device
+            )
+            mask = torch.cat([sp.attention_mask.expand(len(idx), -1), ones], dim=1)
+            pos = (start + torch.arange(length - 1, device=self.device)).expand(len(idx), -1)
+            h = self._decode(embed(ids[:, :-1]), mask, pos, None, kv)
+            logp = head(h).float().log_softmax(-1)  # (g, length-1, V)
+            tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)
+            score[torch.tensor(idx, device=self.device)] += tok
         return score
 
     def _default_eos(self) -> list[int]:
