@@ -389,3 +389,30 @@ def test_eval_on_corrupt(tiny_model_dir, tmp_path, run):
     assert doc["n-samples"]["classify_image"]["effective"] == 3
     assert doc["configs"]["classify_image"]["skipped_unreadable"] == [str(bad)]
     assert run(*args, "--on-corrupt", "maybe").returncode == 2
+
+
+def test_resume_with_a_changed_tower_fails_clearly(setup, tmp_path):
+    """A checkpoint left by a run with another tower size is refused with a ConfigError
+    naming the tensor, not a shape traceback; nothing is trained or deleted."""
+    from mmcompose.errors import ConfigError
+
+    cfg = _cfg(setup)
+    out = tmp_path / "out"
+    ckpt = Path(f"{out}.checkpoint")
+    ckpt.mkdir()
+    proj = "towers.image.projector.0.weight"
+    torch.save(
+        {
+            "params": {proj: torch.zeros(3, 3)},
+            "optimizer": None,
+            "stage": 1,
+            "step": 1,
+            "log": [],
+            "rng": torch.get_rng_state(),
+        },
+        ckpt / "state.pt",
+    )
+    with pytest.raises(ConfigError, match="another model setup") as e:
+        train(cfg, out, config_dir=setup["dir"], progress=False)
+    assert proj in e.value.message and str(ckpt) in e.value.hint
+    assert (ckpt / "state.pt").is_file() and not out.exists()

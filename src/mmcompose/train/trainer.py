@@ -494,6 +494,15 @@ def _load_checkpoint(ckpt: Path, model: MMComposeForCausalLM) -> dict:
     if not f.is_file():
         return {}
     state = torch.load(f, weights_only=False)
+    own = model.state_dict()
+    for name, t in state["params"].items():
+        if name not in own or own[name].shape != t.shape:
+            got = tuple(own[name].shape) if name in own else "no such parameter"
+            raise ConfigError(
+                f"the checkpoint {ckpt} was written by another model setup: {name} is "
+                f"{tuple(t.shape)} there, {got} in this config",
+                hint=f"train with the config it came from, or delete {ckpt} to start over",
+            )
     model.load_state_dict(state["params"], strict=False)
     torch.set_rng_state(state["rng"])
     if state["optimizer"] is None:
