@@ -1,4 +1,4 @@
-"""Nearest-centroid accuracy of a model's frozen encoder features on a manifest.
+"""Nearest-centroid and ridge linear-probe accuracy of a model's frozen encoder features.
 
 Separates "the encoder does not carry the information" from "the projector/LLM does not learn
 to use it": if this probe is far above a trained MLLM's accuracy, the problem is downstream.
@@ -32,14 +32,15 @@ def pooled_features(model, processor, modality: str, rows, batch: int = 32) -> t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir")
-    ap.add_argument("manifest")
+    ap.add_argument("manifest", nargs="+", help="one or more manifests (pooled)")
     ap.add_argument("--train-split", default="train")
     ap.add_argument("--test-split", default="test")
+    ap.add_argument("--ridge", type=float, default=0.3, help="relative to the mean eigenvalue")
     args = ap.parse_args()
     model = MMComposeForCausalLM.from_pretrained(args.model_dir)
     processor = MMProcessor.from_pretrained(args.model_dir)
-    train = read_manifest(args.manifest, args.train_split)
-    test = read_manifest(args.manifest, args.test_split)
+    train = [r for f in args.manifest for r in read_manifest(f, args.train_split)]
+    test = [r for f in args.manifest for r in read_manifest(f, args.test_split)]
     m = train[0]["modality"]
     ftr = pooled_features(model, processor, m, train)
     fte = pooled_features(model, processor, m, test)
@@ -51,11 +52,17 @@ def main() -> None:
     mu = ftr.mean(0)
     pred = (F.normalize(fte - mu, dim=-1) @ F.normalize(centres - mu, dim=-1).T).argmax(-1)
     acc = (pred == yte).float().mean().item()
+    # Ridge regression onto one-hot labels (centred): the best a linear readout does.
+    h, y = ftr - mu, F.one_hot(ytr, len(labels)).float()
+    gram = h.T @ h
+    eye = torch.eye(gram.shape[0])
+    w = torch.linalg.solve(gram + args.ridge * gram.diagonal().mean() * eye, h.T @ (y - y.mean(0)))
+    linear = (((fte - mu) @ w).argmax(-1) == yte).float().mean().item()
     blocks = model.embed_modalities(modal_inputs={m: processor.preprocess(m, [test[0]["path"]])})[m]
     text = model.language_model.get_input_embeddings().weight
     print(json.dumps({
         "modality": m, "classes": len(labels), "test_items": len(test),
-        "nearest_centroid_acc": round(acc, 4),
+        "nearest_centroid_acc": round(acc, 4), "linear_probe_acc": round(linear, 4),
         "block_token_norm": round(blocks.norm(dim=-1).mean().item(), 2),
         "text_embedding_norm": round(text.norm(dim=-1).mean().item(), 2),
     }))  # fmt: skip

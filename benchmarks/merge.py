@@ -123,20 +123,6 @@ def shape_for(size_gb: float, hidden: int, layers: int | None) -> LlamaShape:
 # ---------------------------------------------------------------- writing checkpoints
 
 
-def _plan_shards(specs: Sequence[tuple[str, tuple[int, ...]]], cap: int) -> list[list[int]]:
-    """Greedy grouping into shards of at most ``cap`` bytes (as transformers does)."""
-    groups: list[list[int]] = [[]]
-    size = 0
-    for k, (_, shape) in enumerate(specs):
-        n = math.prod(shape) * 2
-        if groups[-1] and size + n > cap:
-            groups.append([])
-            size = 0
-        groups[-1].append(k)
-        size += n
-    return groups
-
-
 def _safetensors_header(specs: Sequence[tuple[str, tuple[int, ...]]]) -> bytes:
     meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     off = 0
@@ -168,9 +154,12 @@ def write_checkpoint(folder: Path, shape: LlamaShape, role: int, seed: int, shar
     """An HF folder as ``save_pretrained`` writes it, one tensor in memory at a time."""
     import torch
 
+    from mmcompose.io import plan_shards
+
     folder.mkdir(parents=True)
     specs = shape.tensors()
-    groups = _plan_shards(specs, shard)
+    sizes = ((str(k), math.prod(shape) * 2) for k, (_, shape) in enumerate(specs))
+    groups = [[int(k) for k in g] for g in plan_shards(sizes, shard)]  # bf16 bytes
     n = len(groups)
     files = (
         ["model.safetensors"]

@@ -228,8 +228,9 @@ def run_quickstart(
             files = [str(manifests[d]) for d in DATASETS[m]]
             for s in STRATEGIES:
                 cfg = train_config(m, s, budget, files)
-                key = _digest(cfg.model_dump(mode="json"), [data_key[d] for d in DATASETS[m]])
-                key = _digest(key, version)
+                key = _digest(
+                    cfg.model_dump(mode="json"), [data_key[d] for d in DATASETS[m]], version
+                )
                 path = cache.root / "models" / f"{m}-{s}-{key}"
                 if not (path / "config.json").is_file():
                     log(f"  training {m} ({s})")
@@ -558,8 +559,3 @@ def _chart(report: QuickstartReport, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def sample_rows(rows: Sequence[dict], limit: int) -> list[dict]:
-    """Public alias of the deterministic subset used for evaluation."""
-    return _subset(list(rows), limit)

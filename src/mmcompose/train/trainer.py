@@ -391,7 +391,7 @@ def _anchor_projector(
     examples: list[Example],
     modality: str,
     frozen: bool,
-    ridge: float = 0.1,
+    ridge: float,
 ) -> dict:
     """Closed-form init of the projector's output layer (TrainConfig.projector_init)."""
     from mmcompose.train.anchor import answer_targets, fit_output_layer
@@ -427,8 +427,8 @@ def _anchor_projector(
     newline = embed[processor.tokenizer("\n", add_special_tokens=False)["input_ids"][-1]]
     targets = answer_targets(embed, answers, n_out, pad=newline)
     residual = fit_output_layer(tower.projector, feats.float(), targets, ridge)
-    # Zero prefix/suffix vectors silence the frozen LLM (0/19 above); newlines read as
-    # layout. Stages 1 and 2 then learn them as usual.
+    # Zero prefix/suffix vectors cost the frozen LLM half its reading of the block (9/19 vs
+    # 18/19 with newlines, benchmarks/anchor_probe.py). Stages 1 and 2 then learn them.
     with torch.no_grad():
         for affix in (tower.prefix, tower.suffix):
             if affix is not None:
