@@ -75,6 +75,9 @@ def test_coordinate_passes_and_local_optimality():
             w[m] = v
             assert f(tuple(w)) <= f(best)
     assert res.passes <= 3
+    one = run_search(f, 2, GRID, method="coordinate", start=(0.0, 0.0), max_passes=1)
+    assert one.passes == 1 and {c.pass_ for c in one.candidates} == {0, 1}
+    assert f(one.best_weights) < f(best)  # one sweep stops short of the coupled optimum
 
 
 def test_grid_finds_global_optimum_of_coupled_score():
@@ -409,6 +412,7 @@ def test_cli_errors(tmp_path, sources, media_files, run):
     _refused(run(*compose_, "--search", str(val), "--search-method", "grid", "--grid",
                  ",".join(str(i) for i in range(30))), out, "more than 500")  # fmt: skip
     _refused(run(*compose_, "--grid", "0,1"), out, "needs --search")
+    _refused(run(*compose_, "--search-passes", "1"), out, "needs --search")
     _refused(run(*compose_, "--search", str(val), "--dry-run"), out, "--dry-run")
     ties = _yaml(tmp_path, "ties", _cfg(sources["decoupled"], "ties", [1.0, 1.0]))
     r = run("compose", str(ties), "-o", str(out), "--search", str(val))

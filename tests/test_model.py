@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from mmcompose.errors import CheckpointError, ConfigError, PlaceholderError, UnknownNameError
+from mmcompose.errors import (
+    CheckpointError,
+    ConfigError,
+    MMComposeError,
+    PlaceholderError,
+    UnknownNameError,
+)
 from mmcompose.model import MMComposeForCausalLM, MMConfig, MMProcessor, ModuleSpec, TowerConfig
 from mmcompose.model.lora import LoRAAdapter, LoRALinear, lora_layers
 from mmcompose.model.splice import IGNORE_INDEX, ROUTE_IDS, SENTINELS
@@ -213,6 +219,35 @@ def test_shared_lora_equals_merged_weights():
             layer.merge_adapter("text")
         after = model(**batch).logits
     torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["decoupled", "shared", "decoupled-no-audio-adapter"])
+def test_fold_for_inference_keeps_outputs_and_refuses_saving(strategy, tmp_path):
+    """Text adapter folded into W, modality adapters turned into differences (and tokens with
+    no adapter sent back to W): every token's logits stay the same, text tokens run no
+    adapter, and saving fails."""
+    model, proc = build_tiny_model(strategy=strategy.split("-")[0], seed=4)
+    if strategy.endswith("no-audio-adapter"):  # audio tokens use the base weights
+        for _, layer in lora_layers(model):
+            del layer.lora["audio"]
+        model.router.route_to_adapter[ROUTE_IDS["audio"]] = None
+    batch = batch_for(proc)
+    with torch.no_grad():
+        before = model(**batch).logits
+        model.fold_for_inference()
+        after = model(**batch).logits
+    torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
+    assert (before - after).abs().max() < 1e-3 * before.abs().max()
+    names = {n for _, layer in lora_layers(model) for n in layer.lora}
+    expected = {
+        "decoupled": {"image", "audio", "video", "point"},
+        "shared": set(),
+        "decoupled-no-audio-adapter": {"image", "_base", "video", "point"},
+    }
+    assert names == expected[strategy]
+    with pytest.raises(MMComposeError, match="folded"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

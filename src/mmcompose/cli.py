@@ -127,7 +127,7 @@ def generate(
     processor = MMProcessor.from_pretrained(model_dir)
     inputs = {"image": image, "audio": audio, "video": video, "point": point}
     batch = processor(prompt, {m: v for m, v in inputs.items() if v}, chat=chat)
-    model = MMComposeForCausalLM.from_pretrained(model_dir, device=device)
+    model = MMComposeForCausalLM.from_pretrained(model_dir, device=device).fold_for_inference()
     eos = [i for i in {processor.tokenizer.eos_token_id, *model._default_eos()} if i is not None]
     ids = model.generate(
         **batch,
@@ -321,17 +321,31 @@ def compose(
         str,
         typer.Option(
             "--search-method",
-            help="coordinate (sweep one lambda at a time, <= 3 passes) or grid (every "
-            "combination, <= 500).",
+            help="coordinate (sweep one lambda at a time, <= --search-passes passes) or grid "
+            "(every combination, <= 500).",
         ),
     ] = "coordinate",
+    search_passes: Annotated[
+        int | None,
+        typer.Option(
+            "--search-passes", min=1, help="Most sweeps over the sources (coordinate) [3]."
+        ),
+    ] = None,
 ) -> None:
     """Compose single-modality MLLMs (NaiveMC, DAMC) or merge LLMs, streamed shard by shard."""
     from mmcompose.compose import run_from_yaml
     from mmcompose.errors import ConfigError
 
     if search is None:
-        given = [f for f, v in (("--search-answers", search_answers), ("--grid", grid)) if v]
+        given = [
+            f
+            for f, v in (
+                ("--search-answers", search_answers),
+                ("--grid", grid),
+                ("--search-passes", search_passes),
+            )
+            if v
+        ]
         if given:
             raise ConfigError(f"{', '.join(given)} needs --search VAL.json")
         result = run_from_yaml(
@@ -349,7 +363,12 @@ def compose(
             "--dry-run cannot be combined with --search (the search scores real models)",
             hint="run --dry-run alone to check the plan",
         )
-    from mmcompose.compose.search import DEFAULT_GRID, SEARCH_DIR, compose_with_search
+    from mmcompose.compose.search import (
+        DEFAULT_GRID,
+        MAX_PASSES,
+        SEARCH_DIR,
+        compose_with_search,
+    )
 
     found, composed = compose_with_search(
         config,
@@ -362,6 +381,7 @@ def compose(
         grid=DEFAULT_GRID if grid is None else grid,
         method=search_method,
         mode=search_mode,
+        max_passes=MAX_PASSES if search_passes is None else search_passes,
     )
     names = found.source_names()
     best = ", ".join(f"{n}={w:g}" for n, w in zip(names, found.best_weights, strict=True))
@@ -529,7 +549,7 @@ def evaluate(
             raise ConfigError(
                 f"{data} holds no gold answers", hint="pass the answers file: --answers FILE"
             )
-    model = MMComposeForCausalLM.from_pretrained(model_dir)
+    model = MMComposeForCausalLM.from_pretrained(model_dir).fold_for_inference()
     processor = MMProcessor.from_pretrained(model_dir)
     with data_parallel() as dp:
         if task == "classify":

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mmcompose.bench.classify import answer_continuations, normalize
 from mmcompose.errors import MediaError, MMComposeError
 from mmcompose.modalities import MODALITIES, canonical_modality
-from mmcompose.model.modeling import MMComposeForCausalLM
+from mmcompose.model.modeling import MMComposeForCausalLM, ScoreRequest
 from mmcompose.model.processor import MMProcessor
 from mmcompose.train.data import ROLES, DataError, load_conversations
 
@@ -229,7 +229,7 @@ def evaluate_mcub(
     """Score items by greedy generation and/or option log-likelihood.
 
     Each batch of prompts is preprocessed once; generation runs on the left-padded batch and
-    log-likelihood per item (``score_continuations`` encodes the prompt once for 4 options)."""
+    log-likelihood for the whole batch in one packed forward pass (``score_requests``)."""
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise MMComposeError(f"unknown mode(s) {bad or modes}", hint=f"use {' or '.join(MODES)}")
@@ -251,6 +251,8 @@ def evaluate_mcub(
             )
             generations = [processor.decode(_until(row.tolist(), eos)).strip() for row in out]
         offset = dict.fromkeys(MODALITIES, 0)
+        chunk_samples: list[dict[str, Any]] = []
+        requests: list[tuple[ScoreRequest, list[str], list[int]]] = []
         for b, it in enumerate(chunk):
             modal = {}
             for m, paths in it.modal_inputs.items():
@@ -263,35 +265,43 @@ def evaluate_mcub(
                 s["generation"] = generations[b]
                 s["prediction"]["generate"] = parse_letter(generations[b], it.options)
             if "loglikelihood" in modes:
-                ids = batch["input_ids"][b][batch["attention_mask"][b].bool()][None]
-                _score_options(model, processor, it, ids, modal, s)
+                ids = batch["input_ids"][b][batch["attention_mask"][b].bool()]
+                requests.append(_option_request(processor, it, ids, modal))
+            chunk_samples.append(s)
+        if requests:  # every item's options, the whole chunk in one packed forward pass
+            scores = model.score_requests([r for r, _, _ in requests])
+            for s, (_, letters, nbytes), sc in zip(chunk_samples, requests, scores, strict=True):
+                _fill_option_scores(s, letters, nbytes, sc.tolist())
+        for it, s in zip(chunk, chunk_samples, strict=True):
             # No gold: nothing to score. No parsed prediction (None): wrong.
             s["correct"] = (
                 {k: float(s["prediction"][_PRED[k]] == it.answer) for k in keys}
                 if it.answer is not None
                 else {}
             )
-            samples.append(s)
+        samples.extend(chunk_samples)
         bar.update(len(chunk))
     bar.close()
     return MCUBResult.from_samples(samples, keys)
 
 
-def _score_options(
-    model: MMComposeForCausalLM,
-    processor: MMProcessor,
-    it: MCUBItem,
-    ids: torch.Tensor,
-    modal: dict[str, torch.Tensor],
-    sample: dict[str, Any],
-) -> None:
-    """Each option's text as the assistant's whole answer: summed log-probability, and that
-    divided by the continuation's UTF-8 byte length (lm-eval's acc_norm). Fills ``sample``."""
+def _option_request(
+    processor: MMProcessor, it: MCUBItem, ids: torch.Tensor, modal: dict[str, torch.Tensor]
+) -> tuple[ScoreRequest, list[str], list[int]]:
+    """Each option's text as the assistant's whole answer, to be scored after the prompt;
+    with the option letters and each continuation's UTF-8 byte length (for acc_norm)."""
     letters = list(it.options)
     conts = answer_continuations(processor, it.messages(), [it.options[k] for k in letters])
     tokens = [processor.tokenize(c, add_special_tokens=False) for c in conts]
-    scores = model.score_continuations(ids, tokens, modal_inputs=modal).tolist()
     nbytes = [len(c.encode("utf-8")) for c in conts]
+    return ScoreRequest(ids, tokens, modal), letters, nbytes
+
+
+def _fill_option_scores(
+    sample: dict[str, Any], letters: list[str], nbytes: list[int], scores: list[float]
+) -> None:
+    """Summed log-probability per option, and that divided by the byte length (lm-eval's
+    acc_norm); the prediction under each is the arg-max."""
     norm = [lp / n for lp, n in zip(scores, nbytes, strict=True)]
     sample["option_logprobs"] = dict(zip(letters, scores, strict=True))
     sample["option_bytes"] = dict(zip(letters, nbytes, strict=True))

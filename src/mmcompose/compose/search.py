@@ -585,6 +585,7 @@ def search_coefficients(
     mode: Mode = "loglikelihood",
     scorer: Scorer | None = None,
     start: Sequence[float] | None = None,
+    max_passes: int = MAX_PASSES,
     device: str = "cpu",
     batch_size: int = 8,
     max_new_tokens: int = 8,
@@ -595,7 +596,8 @@ def search_coefficients(
 
     Scores every candidate with MCUB accuracy on ``val_questions`` (gold letters from
     ``val_answers``, else from the file's last turns) under ``mode``, or with ``scorer``.
-    ``start`` (coordinate search) defaults to the config's weights, else 1/N each. The
+    ``start`` (coordinate search) defaults to the config's weights, else 1/N each;
+    ``max_passes`` bounds its sweeps over the sources. The
     temporary composition lives under ``workdir`` (default: the system's temp folder) and is
     removed afterwards. Writes nothing else; see :func:`write_search_report`.
     """
@@ -609,6 +611,8 @@ def search_coefficients(
     n = len(config.merge_entries)
     if method == "grid":
         check_grid_size(n, grid)
+    if max_passes < 1:
+        raise ConfigError(f"max_passes is {max_passes}", hint="search at least one pass")
     start_w = tuple(float(x) for x in start) if start is not None else start_weights(config)
     n_items = None
     if scorer is None:
@@ -635,7 +639,15 @@ def search_coefficients(
                     bar.set_postfix(acc=f"{c.accuracy:.4g}", refresh=False)
 
         try:
-            result = run_search(evaluate, n, grid, method=method, start=start_w, on_candidate=tick)
+            result = run_search(
+                evaluate,
+                n,
+                grid,
+                method=method,
+                start=start_w,
+                max_passes=max_passes,
+                on_candidate=tick,
+            )
         finally:
             if bar is not None:
                 bar.close()

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 # Route ids carried per token: 0 = text (and padding), i + 1 = MODALITIES[i].
 TEXT_ROUTE = 0
+# After fold_text_adapter: the adapter that takes tokens that had none back to W.
+BASE_ADAPTER = "_base"
 
 
 class TokenRouter:
@@ -151,6 +153,48 @@ def inject_lora(
         setattr(parent, leaf, layer)
         replaced.append(qname)
     return replaced
+
+
+@torch.no_grad()
+def fold_text_adapter(llm: nn.Module, router: TokenRouter) -> int:
+    """Fold the text adapter into the base weights, for inference only; returns the number of
+    layers changed.
+
+    Most tokens are text, and a LoRA product costs a gather, two thin matmuls and a
+    scatter-add per layer. After folding, ``W' = W + dW_text`` serves text tokens with no
+    adapter at all, and each other adapter ``m`` becomes ``dW_m - dW_text`` (a rank
+    ``r_m + r_text`` adapter applied to its own tokens only), so every token still sees
+    exactly ``W + dW_<its adapter>``. The weights no longer match the model's config: a
+    folded model must not be saved or trained."""
+    text = router.route_to_adapter.get(TEXT_ROUTE)
+    if text is None:
+        return 0
+    # Tokens whose route has no adapter used W alone; after folding they need -dW_text.
+    base_routes = [rid for rid, name in router.route_to_adapter.items() if name is None]
+    changed = 0
+    for _, layer in lora_layers(llm):
+        if text not in layer.lora:
+            continue
+        t = layer.lora.pop(text)
+        layer.weight += t.delta_weight().to(layer.weight.dtype)
+        parts = {name: (a.lora_A, a.lora_B * a.scaling) for name, a in layer.lora.items()}
+        if base_routes:
+            parts[BASE_ADAPTER] = (t.lora_A[:0], t.lora_B[:, :0])
+        for name, (a_in, b_out) in parts.items():
+            rank = a_in.shape[0] + t.rank
+            diff = LoRAAdapter(layer.in_features, layer.out_features, rank, rank)
+            diff = diff.to(device=layer.weight.device, dtype=t.lora_A.dtype)
+            diff.lora_A.copy_(torch.cat([a_in, t.lora_A]))
+            diff.lora_B.copy_(torch.cat([b_out, -t.lora_B * t.scaling], dim=1))
+            diff.requires_grad_(False)
+            layer.lora[name] = diff
+        changed += 1
+    router.route_to_adapter = {
+        rid: BASE_ADAPTER if name is None else (None if name == text else name)
+        for rid, name in router.route_to_adapter.items()
+    }
+    router.set_routes(None)
+    return changed
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
