@@ -1,6 +1,6 @@
 """Log-likelihood scoring speed: packed branches vs the two usual ways, side by side.
 
-Scores the same requests three ways on the real SmolLM2-135M (with a rank-16 LoRA adapter, as
+Scores the same requests four ways on the real SmolLM2-135M (with a rank-16 LoRA adapter, as
 the quickstart's models have) and reports seconds per item, the ratio to the packed method,
 and the largest score difference (they must agree):
 
@@ -10,6 +10,11 @@ and the largest score difference (they must agree):
   one forward per length (mmcompose before packed scoring).
 - ``packed``: :meth:`MMComposeForCausalLM.score_requests`, every option of several items in
   one forward (branches with their own attention mask).
+- ``packed+folded``: the same after :meth:`~MMComposeForCausalLM.fold_for_inference` (the
+  adapter added into the weights, as evaluation does).
+
+Also times loading the saved model with and without random initialisation before the weights
+are read (``from_pretrained`` skips it), median of 3.
 
 Two workloads: ``classify`` (a 28-token prompt, the 73 labels of the quickstart's image
 datasets as options) and ``mcub`` (an 85-token prompt, 4 options of 2-5 tokens).
@@ -22,6 +27,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, DynamicCache
 
+from mmcompose.io import load_state_dict
 from mmcompose.model import MMComposeForCausalLM
-from mmcompose.model.config import AdapterSpec, LoRAConfig
+from mmcompose.model.config import AdapterSpec, LoRAConfig, MMConfig
+from mmcompose.model.encoders import no_pretrained_weights
 from mmcompose.model.modeling import ScoreRequest
 from mmcompose.train.trainer import _resolve_llm
 
@@ -156,6 +165,31 @@ def cached_prompt(model: MMComposeForCausalLM, req: ScoreRequest) -> torch.Tenso
     return score
 
 
+def load_with_init(path: Path) -> MMComposeForCausalLM:
+    """How ``from_pretrained`` loaded before: random initialisation, then the weights."""
+    with no_pretrained_weights():
+        model = MMComposeForCausalLM(MMConfig.from_dir(path))
+    model.load_weights(load_state_dict(path))
+    return model
+
+
+def load_times(model: MMComposeForCausalLM) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model.save_pretrained(Path(tmp) / "m")
+        out = {}
+        for name, fn in (
+            ("with_init", load_with_init),
+            ("from_pretrained", MMComposeForCausalLM.from_pretrained),
+        ):
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn(path)
+                times.append(time.perf_counter() - t)
+            out[name] = statistics.median(times)
+    return out
+
+
 def workload(tok, kind: str, n: int, seed: int) -> list[ScoreRequest]:
     g = torch.Generator().manual_seed(seed)
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -189,7 +223,10 @@ def main() -> None:
         if name.endswith("lora_B"):
             torch.nn.init.normal_(p, std=0.01)
     tok = AutoTokenizer.from_pretrained(str(llm))
+    folded = copy.deepcopy(model).fold_for_inference()
     report = {"torch_threads": torch.get_num_threads(), "items": args.items, "workloads": {}}
+    report["load_s"] = load_times(model)
+    print("load: " + ", ".join(f"{k} {v:.2f} s" for k, v in report["load_s"].items()))
     for kind in ("classify", "mcub"):
         reqs = workload(tok, kind, args.items, seed=1)
         results: dict[str, dict] = {}
@@ -205,6 +242,14 @@ def main() -> None:
                         s
                         for i in range(0, len(reqs), args.batch)
                         for s in model.score_requests(reqs[i : i + args.batch])
+                    ],
+                ),
+                (
+                    "packed+folded",
+                    lambda reqs=reqs: [
+                        s
+                        for i in range(0, len(reqs), args.batch)
+                        for s in folded.score_requests(reqs[i : i + args.batch])
                     ],
                 ),
             ):

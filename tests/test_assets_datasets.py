@@ -200,19 +200,26 @@ def test_openclipart_manifest_schema_labels_and_meta(cache: Path, clipart: Path)
     assert concepts["table"]["cow"] == {"image": 1}
 
 
+def _forbid_rebuild(monkeypatch: pytest.MonkeyPatch, name: str) -> ds.DatasetSpec:
+    """Make building dataset ``name`` fail loudly; returns the real spec (to restore)."""
+
+    def boom(out: Path, seed: int) -> list:
+        raise AssertionError("rebuilt a complete dataset")
+
+    spec = ds.DATASETS[name]
+    monkeypatch.setitem(
+        ds.DATASETS, name, ds.DatasetSpec(spec.name, spec.modality, boom, spec.sources)
+    )
+    return spec
+
+
 def test_prepare_is_idempotent_and_force_rebuilds(
     cache: Path, clipart: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = ds.prepare_datasets(only=["openclipart"], progress=False)["openclipart"]
     before = (folder / ds.ITEMS_NAME).read_bytes()
 
-    def boom(out: Path, seed: int) -> list:
-        raise AssertionError("rebuilt a complete dataset")
-
-    spec = ds.DATASETS["openclipart"]
-    monkeypatch.setitem(ds.DATASETS, "openclipart", ds.DatasetSpec(
-        spec.name, spec.modality, boom, spec.sources
-    ))  # fmt: skip
+    spec = _forbid_rebuild(monkeypatch, "openclipart")
     assert ds.prepare_datasets(only=["openclipart"], progress=False)["openclipart"] == folder
     with pytest.raises(AssertionError, match="rebuilt"):  # a new seed is a new dataset
         ds.prepare_datasets(only=["openclipart"], progress=False, seed=1)
@@ -245,13 +252,7 @@ def test_old_split_is_rewritten_without_rebuilding(
     (folder / ds.ITEMS_NAME).write_text("".join(json.dumps(r) + "\n" for r in old))
     mtimes = {r["path"]: Path(r["path"]).stat().st_mtime_ns for r in recs}
 
-    def boom(out: Path, seed: int) -> list:
-        raise AssertionError("rebuilt a complete dataset")
-
-    spec = ds.DATASETS["openclipart"]
-    monkeypatch.setitem(ds.DATASETS, "openclipart", ds.DatasetSpec(
-        spec.name, spec.modality, boom, spec.sources
-    ))  # fmt: skip
+    spec = _forbid_rebuild(monkeypatch, "openclipart")
     ds.prepare_datasets(only=["openclipart"])
     assert "re-split" in capsys.readouterr().err
     assert (folder / ds.ITEMS_NAME).read_bytes() == fresh  # as a fresh build splits it

@@ -165,14 +165,11 @@ def test_text_only_merge_matches_mergekit(text_merges, llm_dir, method):
 # ---------------------------------------------------------------- (2) NaiveMC
 
 
-_save_single = save_tiny_single
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, list[Path]]:
     d = tmp_path_factory.mktemp("single")
     return {
-        s: [_save_single(d, m, s, 10 + k) for k, m in enumerate(MODS)]
+        s: [save_tiny_single(d, m, s, 10 + k) for k, m in enumerate(MODS)]
         for s in ("shared", "decoupled")
     }
 
@@ -395,7 +392,7 @@ def test_bad_configs(tmp_path, llm_dir, sources):
 
 def test_duplicate_tower_is_refused_unless_resolved(tmp_path, sources):
     a = sources["shared"][0]
-    b = _save_single(tmp_path, "image", "shared", adapter_seed=99)
+    b = save_tiny_single(tmp_path, "image", "shared", adapter_seed=99)
     _expect(tmp_path, _config([a, b]), MergeError, "image tower .* in 2 sources")
     res = run_from_yaml(
         _yaml(tmp_path, "pick", _config([a, b], towers={"image": {"source": str(b)}})),

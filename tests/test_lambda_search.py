@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -211,14 +212,11 @@ def test_start_and_with_weights(tmp_path):
 # ---------------------------------------------------------------- tiny models
 
 
-_save_single = save_tiny_single
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, list[Path]]:
     d = tmp_path_factory.mktemp("single")
     return {
-        s: [_save_single(d, m, s, 20 + k) for k, m in enumerate(MODS)]
+        s: [save_tiny_single(d, m, s, 20 + k) for k, m in enumerate(MODS)]
         for s in ("shared", "decoupled")
     }
 
@@ -346,6 +344,9 @@ def test_compose_search_end_to_end(tmp_path, sources, media_files, run):
     assert r.returncode == 0, r.stderr
     assert "search (coordinate, acc,loglikelihood): best" in r.stdout
     data = _check_report(out / SEARCH_DIR, _result_of(out))
+    # the report lists what the command scored (the printed count), not a reconstruction
+    scored = int(re.search(r"after (\d+) candidates", r.stdout)[1])
+    assert scored == sum(not c["cached"] for c in data["candidates"]) >= 1 + 2 * 2
     assert data["n_items"] == 3 and data["mode"] == "loglikelihood"
     assert all(0 <= c["accuracy"] <= 1 for c in data["candidates"])
     report = json.loads((out / REPORT_NAME).read_text())

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmcompose.bench.mcub import load_mcub
 from mmcompose.bench.mcub_build import LETTERS, QUESTION, build_mcub, set_name
 from mmcompose.errors import MMComposeError
 from mmcompose.fs import OutputExistsError
@@ -108,6 +109,11 @@ def check_set(folder: Path, name: str, labels: dict[str, str]) -> list[dict]:
         assert key not in seen  # never the same input tuple twice
         seen.add(key)
         out.append({"gold": gold, "letter": letter, "options": options})
+    # The evaluation reads the set as written: same options, gold letters and inputs.
+    read = load_mcub(folder / f"{name}.json", folder / f"{name}.answers.json")
+    assert [it.answer for it in read] == [o["letter"] for o in out]
+    assert [list(it.options.values()) for it in read] == [o["options"] for o in out]
+    assert [it.modal_inputs for it in read] == [q["modal_inputs"] for q in questions]
     return out
 
 

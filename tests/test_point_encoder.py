@@ -116,7 +116,8 @@ def test_architecture_is_fixed_and_missing_asset_names_the_command(
     with no_pretrained_weights():
         enc = build_encoder(ModuleSpec(name="pointnet_meshes"))
     assert (enc.num_tokens, enc.output_dim) == (32, 128)
-    assert build_encoder(ModuleSpec(name="pointnet_meshes", params={"pretrained": False}))
+    fresh = build_encoder(ModuleSpec(name="pointnet_meshes", params={"pretrained": False}))
+    assert fresh and (fresh.num_tokens, fresh.output_dim) == (32, 128)
 
 
 @pytest.fixture

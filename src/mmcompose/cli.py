@@ -162,7 +162,7 @@ def quickstart(
     """Prepare assets, train image/audio/point MLLMs (shared and decoupled), compose NaiveMC
     and DAMC, evaluate everything on each test split and mini-MCUB. Cached: a second run
     only re-reads results."""
-    from mmcompose.quickstart import Budget, run_quickstart
+    from mmcompose.quickstart import Budget, format_cell, run_quickstart
 
     r = run_quickstart(
         out_dir,
@@ -172,16 +172,7 @@ def quickstart(
     )
     t = Table("model", *r.columns, title="mmcompose quickstart: accuracy (%)")
     for row in r.rows:
-        cells = []
-        for c in r.columns:
-            v = row.scores.get(c)
-            g = row.scores.get(f"{c} gen")
-            cells.append(
-                "—"
-                if v is None
-                else f"{100 * v:.1f}" + (f" ({100 * g:.1f})" if g is not None else "")
-            )
-        t.add_row(row.name, *cells)
+        t.add_row(row.name, *(format_cell(row, c) for c in r.columns))
     out.print(t)
     out.print("log-likelihood accuracy; generation accuracy in brackets")
     for claim, ok, detail in r.claims:

@@ -125,6 +125,15 @@ def _commit(tmp: Path, final: Path) -> None:
     _remove(old)
 
 
+def refuse_existing(path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Raise :class:`OutputExistsError` if ``path`` exists and may not be replaced; commands
+    call it before long work, and :func:`atomic_dir` again before writing."""
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(
+            f"output path {path} already exists", hint="choose another path or pass --force"
+        )
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``final``; on success rename it into place.
@@ -137,10 +146,7 @@ def atomic_dir(final: str | os.PathLike[str], overwrite: bool = False) -> Iterat
     can leave a ``.<name>.tmp-*`` folder behind; it is never mistaken for ``final``.
     """
     final = Path(final)
-    if os.path.lexists(final) and not overwrite:
-        raise OutputExistsError(
-            f"output path {final} already exists", hint="choose another path or pass --force"
-        )
+    refuse_existing(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(final, "tmp")
     tmp.mkdir()  # not mkdtemp: that forces mode 0700, this honours the umask like any folder

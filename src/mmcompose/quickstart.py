@@ -107,8 +107,8 @@ def train_config(modality: str, strategy: str, budget: Budget, dataset_files: li
         data=dataset_files,
         system_prompt="",
         projector_init="lstsq",
-        # No LoRA dropout: drawing its Bernoulli masks took 18% of a training step on this
-        # CPU (benchmarks/train_step.py), for a regulariser one epoch hardly needs.
+        # No LoRA dropout: drawing its Bernoulli masks is a quarter of a training step on
+        # this CPU (benchmarks/train_step.py).
         lora=LoRASettings(strategy=strategy, rank=16, alpha=32, dropout=0.0),
         stage1=StageConfig(epochs=0),
         stage2=StageConfig(
@@ -186,13 +186,10 @@ def run_quickstart(
     """Run the whole job; returns the table and writes the report folder at ``out_dir``."""
     import mmcompose
     from mmcompose.assets.cache import cache_dir
-    from mmcompose.fs import OutputExistsError
+    from mmcompose.fs import refuse_existing
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise OutputExistsError(
-            f"output path {out_dir} already exists", hint="pass --force to replace it"
-        )
+    refuse_existing(out_dir, force)
     report = QuickstartReport(out_dir)
     cache = _Cache(cache_dir() / "quickstart")
     version = mmcompose.__version__
@@ -258,7 +255,6 @@ def run_quickstart(
     with step("compose NaiveMC and DAMC (lambda search)"):
         from mmcompose.compose.config import ComposeConfig
         from mmcompose.compose.executor import compose
-        from mmcompose.model.encode_memo import memoized_encoders
 
         naive_cfg = ComposeConfig.model_validate(
             {
@@ -294,19 +290,18 @@ def run_quickstart(
                     "models": [{"model": str(singles[(m, "decoupled")][0])} for m in MODALITIES],
                 }
             )
-            with memoized_encoders():
-                result, _ = compose_with_search(
-                    damc_cfg,
-                    path,
-                    val_q,
-                    val_a,
-                    force=True,
-                    progress=progress,
-                    grid=budget.search_grid,
-                    method="coordinate",
-                    max_passes=budget.search_passes,
-                    mode="loglikelihood",
-                )
+            result, _ = compose_with_search(
+                damc_cfg,
+                path,
+                val_q,
+                val_a,
+                force=True,
+                progress=progress,
+                grid=budget.search_grid,
+                method="coordinate",
+                max_passes=budget.search_passes,
+                mode="loglikelihood",
+            )
             log(
                 "  DAMC lambdas "
                 + ", ".join(
@@ -321,6 +316,8 @@ def run_quickstart(
     results: dict[str, dict[str, dict]] = {}
     columns = [*(f"{m} (test)" for m in MODALITIES), "mini-MCUB IAP"]
     report.columns = columns
+    from mmcompose.model.encode_memo import memoized_encoders
+
     with step("evaluate"), memoized_encoders():
         tasks = _tasks(manifests, sets["test"], budget)
         models = [
@@ -389,10 +386,10 @@ def _trimmed_val(files: tuple[Path, Path], limit: int, root: Path) -> tuple[Path
     """The first ``limit`` validation items (the builder shuffles by seed) as their own files."""
     from mmcompose.fs import write_json_atomic
 
-    q, a = (json.loads(f.read_text()) for f in files)
     key = _digest(_file_digest(files[0]), limit)
     out_q, out_a = root / f"val-{key}.json", root / f"val-{key}.answers.json"
-    if not out_a.is_file():
+    if not out_a.is_file():  # written last
+        q, a = (json.loads(f.read_text()) for f in files)
         write_json_atomic(out_q, q[:limit])
         write_json_atomic(out_a, a[:limit])
     return out_q, out_a
@@ -519,6 +516,18 @@ def _write_report(
             shutil.copytree(search_report, tmp / "lambda_search")
 
 
+def format_cell(row: Row, column: str, stderr: bool = False) -> str:
+    """One table cell in %: "—" where not applicable, ± the standard error if asked, the
+    generation accuracy in brackets when it was measured."""
+    v = row.scores.get(column)
+    if v is None:
+        return "—"
+    se = row.stderr.get(column)
+    cell = f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if stderr and se == se and se else "")
+    g = row.scores.get(f"{column} gen")
+    return cell + (f" ({100 * g:.1f})" if g is not None else "")
+
+
 def render_markdown(report: QuickstartReport) -> str:
     cols = report.columns
     lines = [
@@ -532,18 +541,7 @@ def render_markdown(report: QuickstartReport) -> str:
         "|---|" + "---|" * len(cols),
     ]
     for r in report.rows:
-        cells = []
-        for c in cols:
-            v = r.scores.get(c)
-            if v is None:
-                cells.append("—")
-                continue
-            se = r.stderr.get(c)
-            cell = f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if se == se and se else "")
-            g = r.scores.get(f"{c} gen")
-            if g is not None:
-                cell += f" ({100 * g:.1f})"
-            cells.append(cell)
+        cells = [format_cell(r, c, stderr=True) for c in cols]
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     lines += ["", "## The paper's claims on this run", ""]
     for claim, ok, detail in report.claims:

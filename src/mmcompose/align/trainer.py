@@ -55,7 +55,7 @@ from mmcompose.align.features import (
 from mmcompose.align.losses import gather_with_grad, info_nce, regression_loss, step_loss
 from mmcompose.align.moe import AltMoEConnector, ConnectorConfig
 from mmcompose.errors import ConfigError
-from mmcompose.fs import OutputExistsError, atomic_dir, atomic_file, write_json_atomic
+from mmcompose.fs import atomic_dir, atomic_file, refuse_existing, write_json_atomic
 
 __all__ = [
     "AlignConfig",
@@ -601,8 +601,7 @@ def run_align(
     started = time.perf_counter()
     cfg = load_align_config(config_path)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise OutputExistsError(f"output path {out_dir} already exists", hint="pass --force")
+    refuse_existing(out_dir, force)
     ckpt_dir = out_dir.with_name(out_dir.name + ".ckpt")
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)

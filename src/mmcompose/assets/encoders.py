@@ -157,10 +157,10 @@ def _is_complete(folder: Path, asset: EncoderAsset) -> bool:
     return prepared_folder_is_complete(folder, asset.name, asset.distribution, MANIFEST_FORMAT)
 
 
-def _save_weights(state: dict[str, Tensor], out: Path) -> None:
+def save_weights(state: dict[str, Tensor], path: Path) -> None:
+    """Cached encoder weights as safetensors, readable by every user of a shared cache."""
     from safetensors.torch import save_file
 
-    path = out / WEIGHTS_NAME
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
     path.chmod(0o644)  # safetensors writes 0600; a shared cache must stay readable
 
@@ -224,7 +224,11 @@ def _manifest(
     }
 
 
-def _load_pretrained(module: nn.Module, folder: Path) -> None:
+def load_cached_weights(
+    module: nn.Module,
+    folder: Path,
+    hint: str = "rebuild the cache: mmcompose assets prepare --force",
+) -> None:
     """Strictly load the cached safetensors into ``module`` (a mismatch means a stale cache)."""
     from safetensors.torch import load_file
 
@@ -233,8 +237,7 @@ def _load_pretrained(module: nn.Module, folder: Path) -> None:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"cached encoder weights in {folder} do not fit the module: {exc}",
-            hint="rebuild the cache: mmcompose assets prepare --force",
+            f"cached encoder weights in {folder} do not fit the module: {exc}", hint=hint
         ) from None
 
 
@@ -374,7 +377,7 @@ def _build_efficientnet_lite0(source: Path, out: Path) -> dict[str, Any]:
     converted = convert_efficientnet_lite0_state_dict(state)
     module = EfficientNetLite0()
     _load_pretrained_state(module, converted, source)
-    _save_weights(module.state_dict(), out)
+    save_weights(module.state_dict(), out / WEIGHTS_NAME)
     return {
         "architecture": "EfficientNetLite0",
         "num_parameters": sum(p.numel() for p in module.parameters()),
@@ -415,7 +418,7 @@ class EfficientNetLite0Encoder(Encoder):
         self.num_tokens = (params.image_size // 32) ** 2
         self.model = EfficientNetLite0()
         if params.pretrained and pretrained_weights_enabled():
-            _load_pretrained(self.model, prepare_efficientnet_lite0())
+            load_cached_weights(self.model, prepare_efficientnet_lite0())
 
     @classmethod
     def preprocess(cls, item: Any, params: EfficientNetLite0Params) -> Tensor:
@@ -652,7 +655,7 @@ def _build_whisper_tiny_en(source: Path, out: Path) -> dict[str, Any]:
     }
     module = WhisperEncoder(config)
     _load_pretrained_state(module, encoder_state, source)
-    _save_weights(module.state_dict(), out)
+    save_weights(module.state_dict(), out / WEIGHTS_NAME)
     config.architectures = ["WhisperEncoder"]
     config.to_json_file(str(out / CONFIG_NAME))
     return {
@@ -726,7 +729,7 @@ class WhisperTinyEnEncoder(Encoder):
         self.num_tokens = params.num_frames // params.pool
         self.model = WhisperEncoder(WhisperConfig(**WHISPER_TINY_EN_CONFIG))
         if params.pretrained and pretrained_weights_enabled():
-            _load_pretrained(self.model, prepare_whisper_tiny_en())
+            load_cached_weights(self.model, prepare_whisper_tiny_en())
 
     @classmethod
     def load(cls, path: str | Path, params: WhisperTinyEnParams) -> np.ndarray:

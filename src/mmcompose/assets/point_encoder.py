@@ -41,7 +41,8 @@ from mmcompose.assets.cache import (
     sha256_file,
     write_json_atomic,
 )
-from mmcompose.errors import CheckpointError, MMComposeError
+from mmcompose.assets.encoders import save_weights
+from mmcompose.errors import MMComposeError
 from mmcompose.model import media
 from mmcompose.model.encoders import (
     PointNetEncoder,
@@ -202,21 +203,20 @@ def linear_probe_accuracy(
     return out
 
 
-@torch.no_grad()
 def head_accuracy(
     encoder: PointNetEncoder, head: PoolHead, clouds: Sequence[np.ndarray], labels: Sequence[int]
 ) -> float:
+    return pooled_head_accuracy(head, pooled_features(encoder, clouds), labels)
+
+
+@torch.no_grad()
+def pooled_head_accuracy(head: PoolHead, pooled: Tensor, labels: Sequence[int]) -> float:
+    """The pretraining head on features already pooled by :func:`pooled_features`."""
     if not labels:
         return float("nan")
-    encoder.eval()
     head.eval()
-    logits = torch.cat(
-        [
-            head(encoder(_inference_batch(clouds[s : s + 64], encoder.params)))
-            for s in range(0, len(clouds), 64)
-        ]
-    )
-    return float((logits.argmax(-1) == torch.as_tensor(list(labels))).float().mean())
+    pred = head.mlp(pooled).argmax(-1)
+    return float((pred == torch.as_tensor(list(labels))).float().mean())
 
 
 @dataclass
@@ -394,8 +394,8 @@ def prepare_pointnet_meshes(
         baseline = PointNetEncoder(params)  # the same initialisation, untrained
     acc = _accuracies(result, baseline, splits)
     with atomic_dir(final, overwrite=True) as tmp:
-        _save(result.encoder.state_dict(), tmp / WEIGHTS_NAME)
-        _save(result.head.state_dict(), tmp / HEAD_NAME)
+        save_weights(result.encoder.state_dict(), tmp / WEIGHTS_NAME)
+        save_weights(result.head.state_dict(), tmp / HEAD_NAME)
         config = {"encoder": "pointnet", "params": POINTNET_MESHES_ARCH, "labels": names}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         write_json_atomic(
@@ -421,9 +421,13 @@ def _accuracies(
     """The head's accuracy per split, and two probes fitted on train features of the frozen
     encoder (nearest class centroid; linear), for the pretrained and, as the reference point,
     the untrained encoder (same initialisation)."""
-    out = {"head": {s: head_accuracy(result.encoder, result.head, *splits[s]) for s in splits}}
+    out: dict[str, dict[str, float]] = {}
     for tag, enc in (("", result.encoder), ("_untrained", baseline)):
         feats = {s: (pooled_features(enc, c), y) for s, (c, y) in splits.items()}
+        if not tag:  # the head reads the same pooled features
+            out["head"] = {
+                s: pooled_head_accuracy(result.head, x, y) for s, (x, y) in feats.items()
+            }
         train_x, train_y = feats["train"]
         out[f"nearest_centroid{tag}"] = {
             s: nearest_centroid_accuracy(train_x, train_y, x, y) for s, (x, y) in feats.items()
@@ -476,13 +480,6 @@ def _manifest(
     }
 
 
-def _save(state: dict[str, Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
-    path.chmod(0o644)  # safetensors writes 0600; a shared cache must stay readable
-
-
 class PointNetMeshesParams(PointNetParams):
     """``pointnet``'s parameters fixed to the stored architecture; only ``pretrained`` varies."""
 
@@ -519,7 +516,7 @@ class PointNetMeshesEncoder(PointNetEncoder):
             self._load_cached()
 
     def _load_cached(self) -> None:
-        from safetensors.torch import load_file
+        from mmcompose.assets.encoders import load_cached_weights
 
         folder = pointnet_meshes_dir()
         if not _is_complete(folder):
@@ -534,10 +531,4 @@ class PointNetMeshesEncoder(PointNetEncoder):
                 f"the pretrained point encoder {POINTNET_MESHES!r} {why}",
                 hint=f"{INSTALL_HINT} (about 2 minutes on a CPU)",
             )
-        try:
-            self.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"cached encoder weights in {folder} do not fit the module: {exc}",
-                hint=f"rebuild the cache: {INSTALL_HINT} --force",
-            ) from None
+        load_cached_weights(self, folder, hint=f"rebuild the cache: {INSTALL_HINT} --force")

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from mmcompose.errors import ConfigError, MMComposeError
-from mmcompose.fs import OutputExistsError, atomic_dir, sha256_file
+from mmcompose.fs import atomic_dir, refuse_existing, sha256_file
 from mmcompose.modalities import MODALITIES, canonical_modality
 
 __all__ = [
@@ -374,10 +374,7 @@ def build_mcub(
     wanted = [canonical_modality(m) for m in (_parse_list(modalities) or MODALITIES)]
     if not manifests:
         raise ConfigError("no manifests given", hint="e.g. --manifests dataset:emoji ...")
-    if os.path.lexists(out_dir) and not force:  # fail before any work; atomic_dir checks again
-        raise OutputExistsError(
-            f"output path {out_dir} already exists", hint="choose another path or pass --force"
-        )
+    refuse_existing(out_dir, force)  # fail before any work; atomic_dir checks again
 
     paths = [_resolve_manifest(m) for m in manifests]
     rows = sorted(

@@ -56,6 +56,7 @@ __all__ = [
     "identity_factors",
     "lora_delta",
     "run_from_yaml",
+    "set_concat_adapter",
 ]
 
 
@@ -475,12 +476,26 @@ def apply_text_merge(
                 raise MergeError(f"{src.path} has no text adapter on {name}")
             factors.append((src.get(f"{key}.lora_A"), src.get(f"{key}.lora_B")))
             coeffs.append(w * spec.scaling)
-        a, b = concat_factors(factors, coeffs)
-        adapter = layer.lora[TEXT_ADAPTER]
-        if adapter.lora_A.shape != a.shape:
-            raise MergeError(
-                f"{name}: text adapter has rank {adapter.rank}, the sources need {a.shape[0]}",
-                hint="load a model composed from these sources with linear/task_arithmetic",
-            )
-        adapter.lora_A.copy_(a)
+        set_concat_adapter(name, layer.lora[TEXT_ADAPTER], factors, coeffs)
+
+
+def set_concat_adapter(
+    name: str,
+    adapter: torch.nn.Module,
+    factors: Sequence[tuple[Tensor, Tensor]],
+    coeffs: Sequence[float],
+    *,
+    b_only: bool = False,
+) -> None:
+    """Write ``sum_i c_i B_i A_i`` into ``adapter`` as concatenated factors, in place.
+    ``b_only``: the A blocks are already these sources' (a re-weighting changes only B)."""
+    a, b = concat_factors(factors, coeffs)
+    if adapter.lora_B.shape != b.shape:
+        raise MergeError(
+            f"{name}: text adapter has rank {adapter.rank}, the sources need {b.shape[1]}",
+            hint="load a model composed from these sources with linear/task_arithmetic",
+        )
+    with torch.no_grad():
+        if not b_only:
+            adapter.lora_A.copy_(a)
         adapter.lora_B.copy_(b / adapter.scaling)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -422,7 +421,6 @@ class InMemoryComposition:
     ) -> None:
         import torch
 
-        from mmcompose.compose.config import resolve_parameters
         from mmcompose.compose.executor import compose
         from mmcompose.compose.plan import ConcatAdapter, MergeWeights, open_inputs
         from mmcompose.model.config import TEXT_ADAPTER
@@ -432,7 +430,6 @@ class InMemoryComposition:
 
         check_searchable(config)
         self.config = config
-        self._resolve = resolve_parameters
         start = tuple(weights) if weights is not None else start_weights(config)
         folder = Path(folder)
         plan = compose(with_weights(config, start), folder, dry_run=True, progress=False).plan
@@ -483,7 +480,6 @@ class InMemoryComposition:
             for s in [*inputs.models, inputs.base]:
                 if s is not None:
                     s.close()
-        self.weights: Weights = start
 
     @staticmethod
     def coefficients(config: ComposeConfig, hf_name: str) -> list[float]:
@@ -495,32 +491,22 @@ class InMemoryComposition:
 
     def apply(self, weights: Sequence[float]) -> None:
         """Set the text adapter to the composition with ``weights`` (in place, exact)."""
-        import torch
-
-        from mmcompose.compose.executor import concat_factors
+        from mmcompose.compose.config import resolve_parameters
+        from mmcompose.compose.executor import set_concat_adapter
 
         cfg = with_weights(self.config, weights)
         entries = cfg.merge_entries
         cache: dict[str, list[float]] = {}
-        with torch.no_grad():
-            for name, adapter, a_s, b_s, scales in self.layers:
-                hf = f"{name}.weight"
-                params = self._resolve(cfg, entries, hf)
-                key = json.dumps(params, sort_keys=True, default=str)
-                if key not in cache:
-                    try:
-                        cache[key] = self.coefficients(cfg, hf)
-                    except MMComposeError as e:
-                        raise InvalidWeights(e.message, hint=e.hint) from None
-                coeffs = [c * s for c, s in zip(cache[key], scales, strict=True)]
-                _, b = concat_factors(list(zip(a_s, b_s, strict=True)), coeffs)
-                if adapter.lora_B.shape != b.shape:
-                    raise MergeError(
-                        f"{name}: text adapter has rank {adapter.rank}, the sources need "
-                        f"{b.shape[1]}"
-                    )
-                adapter.lora_B.copy_(b / adapter.scaling)
-        self.weights = tuple(float(w) for w in weights)
+        for name, adapter, a_s, b_s, scales in self.layers:
+            hf = f"{name}.weight"
+            key = json.dumps(resolve_parameters(cfg, entries, hf), sort_keys=True, default=str)
+            if key not in cache:
+                try:
+                    cache[key] = self.coefficients(cfg, hf)
+                except MMComposeError as e:
+                    raise InvalidWeights(e.message, hint=e.hint) from None
+            coeffs = [c * s for c, s in zip(cache[key], scales, strict=True)]
+            set_concat_adapter(name, adapter, list(zip(a_s, b_s, strict=True)), coeffs, b_only=True)
 
 
 # ---------------------------------------------------------------- scoring
@@ -624,6 +610,8 @@ def search_coefficients(
         )  # fmt: skip
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
+    from mmcompose.model.encode_memo import active, memoized_encoders
+
     with tempfile.TemporaryDirectory(prefix=".mmcompose-search-", dir=workdir) as tmp:
         mem = InMemoryComposition(config, Path(tmp) / "model", start_w, device=device)
         bar = _bar(method, len(grid) ** n if method == "grid" else None, progress)
@@ -638,16 +626,19 @@ def search_coefficients(
                 if c.accuracy is not None:
                     bar.set_postfix(acc=f"{c.accuracy:.4g}", refresh=False)
 
+        # Frozen encoders see the same validation inputs for every candidate: encode once
+        # (in the caller's memo when there is one).
         try:
-            result = run_search(
-                evaluate,
-                n,
-                grid,
-                method=method,
-                start=start_w,
-                max_passes=max_passes,
-                on_candidate=tick,
-            )
+            with memoized_encoders(active()):
+                result = run_search(
+                    evaluate,
+                    n,
+                    grid,
+                    method=method,
+                    start=start_w,
+                    max_passes=max_passes,
+                    on_candidate=tick,
+                )
         finally:
             if bar is not None:
                 bar.close()
@@ -772,15 +763,12 @@ def compose_with_search(
     ``search``: keyword arguments of :func:`search_coefficients` (grid, method, mode, ...).
     Nothing appears at ``out_dir`` unless everything succeeded."""
     from mmcompose.compose.executor import compose
-    from mmcompose.fs import OutputExistsError
+    from mmcompose.fs import refuse_existing
 
     if not isinstance(config, ComposeConfig):
         config = load_compose_config(config)
     out_dir = Path(out_dir)
-    if os.path.lexists(out_dir) and not force:  # before a search that may take long
-        raise OutputExistsError(
-            f"output path {out_dir} already exists", hint="choose another path or pass --force"
-        )
+    refuse_existing(out_dir, force)  # before a search that may take long
     search.setdefault("workdir", out_dir.parent)  # the temporary model on the output's disk
     result = search_coefficients(
         config, val_questions, val_answers, device=device, progress=progress, **search

@@ -35,9 +35,10 @@ class EncodeMemo:
         # Per session, so weights loaded into an encoder between sessions are seen afresh.
         self._fingerprints: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
-    def fingerprint_of(self, spec_json: str, encoder: nn.Module) -> str:
+    def fingerprint_of(self, spec: Callable[[], str], encoder: nn.Module) -> str:
+        """``spec()`` (the encoder spec as JSON) is called only the first time."""
         if encoder not in self._fingerprints:
-            self._fingerprints[encoder] = fingerprint(spec_json, encoder)
+            self._fingerprints[encoder] = fingerprint(spec(), encoder)
         return self._fingerprints[encoder]
 
     def encode(self, fingerprint: str, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:

@@ -175,8 +175,8 @@ def fold_text_adapter(llm: nn.Module, router: TokenRouter) -> int:
     for _, layer in lora_layers(llm):
         if text not in layer.lora:
             continue
-        t = layer.lora.pop(text)
-        layer.weight += t.delta_weight().to(layer.weight.dtype)
+        t = layer.lora[text]
+        layer.merge_adapter(text)
         parts = {name: (a.lora_A, a.lora_B * a.scaling) for name, a in layer.lora.items()}
         if base_routes:
             parts[BASE_ADAPTER] = (t.lora_A[:0], t.lora_B[:, :0])

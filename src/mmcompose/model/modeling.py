@@ -325,7 +325,7 @@ class MMComposeForCausalLM(nn.Module):
     def fold_for_inference(self) -> MMComposeForCausalLM:
         """Fold the text LoRA adapter into the LLM's weights (see
         :func:`~mmcompose.model.lora.fold_text_adapter`): same outputs up to float rounding,
-        about a fifth less time per forward pass on a CPU. For evaluation only: the folded
+        up to a quarter less time per forward pass on a CPU (``benchmarks/scoring.py``). For evaluation only: the folded
         model refuses to be saved. Returns ``self``."""
         from mmcompose.model.lora import fold_text_adapter
 

@@ -53,7 +53,7 @@ class Tower(nn.Module):
             with torch.no_grad():
                 if memo is None:
                     return self.encoder(x)
-                key = memo.fingerprint_of(self.cfg.encoder.model_dump_json(), self.encoder)
+                key = memo.fingerprint_of(self.cfg.encoder.model_dump_json, self.encoder)
                 return memo.encode(key, x, self.encoder)
         return self.encoder(x)
 

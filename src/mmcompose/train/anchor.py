@@ -72,7 +72,7 @@ def fit_output_layer(
     hc, yc = h - mu_h, y - mu_y
     gram = hc.T @ hc
     lam = ridge * torch.diagonal(gram).mean()
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     w = torch.linalg.solve(gram + lam * eye, hc.T @ yc)  # (in, out)
     layer.weight.copy_(w.T.to(layer.weight.dtype))
     if layer.bias is not None:

@@ -177,9 +177,9 @@ def drop_unreadable(
     warning naming every file and the count; a stage left with no example fails."""
     from mmcompose.model.media import warn_skipped
 
+    bad = set(skipped)
     out = {
-        k: [e for e in v if not set(e.inputs.get(modality, [])) & set(skipped)]
-        for k, v in datasets.items()
+        k: [e for e in v if bad.isdisjoint(e.inputs.get(modality, []))] for k, v in datasets.items()
     }
     for stage, examples in out.items():
         if datasets[stage] and not examples:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from mmcompose.errors import ConfigError, MMComposeError
-from mmcompose.fs import atomic_dir, write_json_atomic
+from mmcompose.fs import atomic_dir, refuse_existing, write_json_atomic
 from mmcompose.model.config import AdapterSpec, LoRAConfig, TowerConfig
 from mmcompose.model.modeling import MMComposeForCausalLM
 from mmcompose.model.processor import MMProcessor
@@ -215,12 +215,7 @@ def train(
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        from mmcompose.fs import OutputExistsError
-
-        raise OutputExistsError(
-            f"output path {out_dir} already exists", hint="pass --force to replace it"
-        )
+    refuse_existing(out_dir, force)
     rank, world = _dist_setup(config.device)
     _seed_all(config.seed)
     llm_dir = _resolve_llm(config.base_llm, config_dir)
@@ -261,10 +256,11 @@ def train(
         datasets = drop_unreadable(datasets, m, skipped, warn=rank == 0)
 
     ckpt = Path(f"{out_dir}.checkpoint")
+    resuming = (ckpt / "state.pt").is_file()  # a resumed run has its initialised tower
     init_note: dict = {}
-    if config.init_from and not (ckpt / "state.pt").is_file():
+    if config.init_from and not resuming:
         init_note = _init_tower_from(model, m, Path(config.init_from), config_dir)
-    elif config.projector_init == "lstsq" and not (ckpt / "state.pt").is_file():
+    elif config.projector_init == "lstsq" and not resuming:
         init_note = _anchor_projector(
             model, processor, features, datasets[2], m, frozen, config.init_ridge
         )
@@ -373,14 +369,12 @@ def _init_tower_from(model: MMComposeForCausalLM, modality: str, path: Path, bas
             f"init_from {path} holds no {modality} tower weights",
             hint="point it at a model trained for the same modality",
         )
-    bad = [k for k, v in take.items() if v.shape != own[k].shape]
-    if bad:
-        raise ConfigError(
-            f"init_from {path}: {bad[0]} has shape {tuple(take[bad[0]].shape)}, "
-            f"this config builds {tuple(own[bad[0]].shape)}",
-            hint="use the same tower settings (encoder, projector, prefix/suffix) as that run",
-        )
-    model.load_state_dict(take, strict=False)
+    _load_matching(
+        model,
+        take,
+        f"init_from {path} holds weights of another tower setup",
+        hint="use the same tower settings (encoder, projector, prefix/suffix) as that run",
+    )
     return {"init_from": str(path), "tensors": len(take)}
 
 
@@ -412,13 +406,14 @@ def _anchor_projector(
             answers.append(ans)
     if not paths:
         return {}
+    device = model.device  # cached features and preprocessed inputs come on the CPU
     with torch.no_grad():
         if frozen:
-            feats = features.get(paths)
+            feats = features.get(paths).to(device)
         else:
             feats = torch.cat(
                 [
-                    tower.encode(processor.preprocess(modality, paths[i : i + 32]))
+                    tower.encode(processor.preprocess(modality, paths[i : i + 32]).to(device))
                     for i in range(0, len(paths), 32)
                 ]
             )
@@ -489,21 +484,31 @@ def _save_checkpoint(ckpt: Path, model, opt, stage: int, step: int, log: list[di
         write_json_atomic(tmp / "progress.json", {"stage": stage, "step": step})
 
 
+def _load_matching(
+    model: MMComposeForCausalLM, state: dict[str, torch.Tensor], problem: str, hint: str
+) -> None:
+    """Load ``state`` (non-strict), refusing a tensor this config does not build as it is."""
+    own = model.state_dict()
+    for name, t in state.items():
+        if name not in own or own[name].shape != t.shape:
+            got = tuple(own[name].shape) if name in own else "no such parameter"
+            raise ConfigError(
+                f"{problem}: {name} is {tuple(t.shape)} there, {got} in this config", hint=hint
+            )
+    model.load_state_dict(state, strict=False)
+
+
 def _load_checkpoint(ckpt: Path, model: MMComposeForCausalLM) -> dict:
     f = ckpt / "state.pt"
     if not f.is_file():
         return {}
     state = torch.load(f, weights_only=False)
-    own = model.state_dict()
-    for name, t in state["params"].items():
-        if name not in own or own[name].shape != t.shape:
-            got = tuple(own[name].shape) if name in own else "no such parameter"
-            raise ConfigError(
-                f"the checkpoint {ckpt} was written by another model setup: {name} is "
-                f"{tuple(t.shape)} there, {got} in this config",
-                hint=f"train with the config it came from, or delete {ckpt} to start over",
-            )
-    model.load_state_dict(state["params"], strict=False)
+    _load_matching(
+        model,
+        state["params"],
+        f"the checkpoint {ckpt} was written by another model setup",
+        hint=f"train with the config it came from, or delete {ckpt} to start over",
+    )
     torch.set_rng_state(state["rng"])
     if state["optimizer"] is None:
         state.pop("optimizer")
