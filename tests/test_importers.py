@@ -9,6 +9,8 @@ with LAVIS Q-Former names), so a mapping bug shows up as a name, shape or value 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -516,3 +518,24 @@ def test_modelcompose_bad_inputs(tmp_path, llama):
     (path / "adapter_model.bin").write_bytes(b"\x80\x04not really a checkpoint")
     with pytest.raises(CheckpointError, match="truncated, corrupt"):
         open_source(path)
+
+
+def test_importer_towers_resolve_by_name_without_compose() -> None:
+    """A saved model naming the modules importers give towers loads with ``model`` alone:
+    the registries find them in ``mmcompose.model`` and never import ``mmcompose.compose``."""
+    code = (
+        "import sys\n"
+        "from mmcompose.model.encoders import ENCODERS\n"
+        "from mmcompose.model.projectors import PROJECTORS\n"
+        "found = [ENCODERS.get('clip_vision'), ENCODERS.get('unavailable'),"
+        " PROJECTORS.get('blip2_qformer')[1]]\n"
+        "print([f.__module__ for f in found])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mmcompose.compose')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modules, compose = proc.stdout.splitlines()
+    assert modules == str(
+        ["mmcompose.model.clip", "mmcompose.model.unavailable", "mmcompose.model.blip2_qformer"]
+    )
+    assert compose == "[]"

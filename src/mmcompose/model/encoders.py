@@ -77,11 +77,13 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
 
-# Modules that register more encoders (pretrained ones; importer stand-ins), loaded on demand.
+# Modules that register more encoders (pretrained ones, CLIP, the importers' stand-in), loaded
+# on demand.
 ENCODER_PLUGINS = (
     "mmcompose.assets.encoders",
     "mmcompose.assets.point_encoder",
-    "mmcompose.compose.importers",
+    "mmcompose.model.clip",
+    "mmcompose.model.unavailable",
 )
 ENCODERS: Registry[type[Encoder]] = Registry("encoder", plugins=ENCODER_PLUGINS)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from mmcompose.devices import resolve_device
 from mmcompose.errors import CheckpointError, ConfigError, MMComposeError
-from mmcompose.io import dedupe_shared, load_state_dict, save_state_dict
+from mmcompose.io import check_safetensors, dedupe_shared, load_state_dict, save_state_dict
 from mmcompose.model.config import CONFIG_NAME, LoRAConfig, MMConfig, TowerConfig
 from mmcompose.model.encoders import no_pretrained_weights
 from mmcompose.model.lora import TokenRouter, inject_lora
@@ -42,8 +45,29 @@ class MMOutput:
 
 
 def build_llm(text_config: Mapping, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    cfg = AutoConfig.for_model(**dict(text_config))
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        cfg = AutoConfig.for_model(**dict(text_config))
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as e:
+        # transformers validates the architecture (heads divide the width, known model_type)
+        # and wraps the reason; show the reason.
+        reason = e.__cause__ or e
+        raise ConfigError(
+            f"text_config (model_type {text_config.get('model_type')!r}) is not a valid LLM "
+            f"config: {' '.join(str(reason).split())}",
+            hint="the config.json was edited or damaged; restore it from the model's source",
+        ) from None
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+def all_finite(t: Tensor) -> bool:
+    """NaN/Inf check at the cost of one reduction: min and max propagate NaN and show +-Inf,
+    which is ~40x cheaper than ``isfinite(t).all()`` (a full boolean tensor) on large weights."""
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 class MMComposeForCausalLM(nn.Module):
@@ -173,8 +197,8 @@ class MMComposeForCausalLM(nn.Module):
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{_cache_kwarg(type(decoder)): cache},
             )
         return out.last_hidden_state
 
@@ -381,7 +405,14 @@ class MMComposeForCausalLM(nn.Module):
             raise CheckpointError(
                 f"{llm_dir} has no {CONFIG_NAME}", hint="pass a Hugging Face LLM folder"
             )
-        llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=DTYPES[dtype])
+        check_safetensors(llm_dir)  # a damaged file is named here, not mid-way in transformers
+        try:
+            llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=DTYPES[dtype])
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"cannot load the LLM in {llm_dir}: {' '.join(str(e).split())[:500]}",
+                hint="pass a complete Hugging Face causal LM folder (config.json + weights)",
+            ) from None
         text_config = llm.config.to_dict()
         config = MMConfig(text_config=text_config, towers=list(towers), lora=lora, dtype=dtype)
         return cls(config, language_model=llm)
@@ -390,6 +421,7 @@ class MMComposeForCausalLM(nn.Module):
     def from_pretrained(
         cls, path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None
     ) -> MMComposeForCausalLM:
+        device = resolve_device(device)
         config = MMConfig.from_dir(path)
         if dtype is not None:
             config = config.model_copy(update={"dtype": dtype})
@@ -406,7 +438,19 @@ class MMComposeForCausalLM(nn.Module):
 
     def load_weights(self, state: Mapping[str, Tensor]) -> None:
         """Load a full state dict strictly; only aliases of tied weights may be absent."""
-        _, aliases = dedupe_shared(self.state_dict())
+        own = self.state_dict()
+        _, aliases = dedupe_shared(own)
+        wrong = [
+            f"{k} {list(t.shape)} (config.json implies {list(own[k].shape)})"
+            for k, t in state.items()
+            if k in own and t.shape != own[k].shape
+        ]
+        if wrong:
+            raise CheckpointError(
+                f"{len(wrong)} tensor(s) have a shape that does not match config.json, e.g. "
+                + "; ".join(wrong[:2]),
+                hint="config.json was edited or belongs to another model; restore the original",
+            )
         result = self.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if k not in aliases]
         if missing or result.unexpected_keys:
@@ -423,6 +467,25 @@ class MMComposeForCausalLM(nn.Module):
             )
         if getattr(self.language_model.config, "tie_word_embeddings", False):
             self.language_model.tie_weights()
+
+    def check_finite(self, where: str | Path) -> None:
+        """Refuse weights holding NaN or Inf: every score computed from them would be noise,
+        reported as if it were a result (``compose`` refuses such inputs too)."""
+        bad = [n for n, t in self.state_dict().items() if not all_finite(t)]
+        if bad:
+            raise CheckpointError(
+                f"{where}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {', '.join(bad[:3])}",
+                hint="the model is damaged (a diverged training or a bad merge); retrain, "
+                "re-compose or restore it",
+            )
+
+
+@functools.cache
+def _cache_kwarg(decoder: type) -> str:
+    """The decoder's name for its KV cache: ``cache`` since transformers renamed it (the old
+    ``past_key_values`` warns of its removal in 5.40), ``past_key_values`` before."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _as_list(x: int | Sequence[int] | None) -> list[int]:

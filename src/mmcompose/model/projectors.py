@@ -25,8 +25,9 @@ class ProjectorParams(BaseModel):
 
 
 ProjectorBuilder = Callable[[int, int, BaseModel], nn.Module]
+# Modules that register more projectors (heavier ones, needing transformers), loaded on demand.
 PROJECTORS: Registry[tuple[type[ProjectorParams], ProjectorBuilder]] = Registry(
-    "projector", plugins=("mmcompose.compose.importers",)
+    "projector", plugins=("mmcompose.model.blip2_qformer",)
 )
 
 
