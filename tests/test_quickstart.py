@@ -1,21 +1,28 @@
-"""The quickstart's pure parts: the claims check, the report and chart, the eval subsets.
+"""The quickstart's pure parts: the claims check, the report and chart, the eval subsets, the
+cache keys, the stage wiring, and the evaluation stage's caching (with stand-in models).
 (The whole job runs on real assets in `make quickstart`; its figures are in docs/results.md.)"""
 
 from __future__ import annotations
 
+import inspect
+import json
+from dataclasses import replace
+
 import pytest
 
+from mmcompose import quickstart as qs
+from mmcompose.fs import atomic_dir, write_json_atomic
+from mmcompose.pipeline import Cache, run_stages
 from mmcompose.quickstart import (
     MODALITIES,
     Budget,
     QuickstartReport,
     Row,
-    _chart,
-    _claims,
     _subset,
     render_markdown,
     train_config,
 )
+from mmcompose.report import check_claims, render_chart
 
 COLS = [*(f"{m} (test)" for m in MODALITIES), "mini-MCUB IAP"]
 
@@ -43,7 +50,7 @@ def _rows(naive: float, damc: float, keep: float) -> list[Row]:
     ],
 )
 def test_claims_follow_the_numbers(naive, damc, keep, expected):
-    claims = _claims(_rows(naive, damc, keep), COLS)
+    claims = check_claims(_rows(naive, damc, keep), COLS, MODALITIES)
     assert [ok for _, ok, _ in claims] == expected
     assert "vs best single point-" in claims[0][2]  # the best single model on MCUB is named
 
@@ -52,11 +59,11 @@ def test_report_and_chart(tmp_path):
     report = QuickstartReport(tmp_path, _rows(0.9, 0.95, 1.0), {"total": 12.0}, columns=COLS)
     report.rows[0].stderr[COLS[0]] = 0.05
     report.rows[0].scores[f"{COLS[0]} gen"] = 0.7
-    report.claims = _claims(report.rows, COLS)
+    report.claims = check_claims(report.rows, COLS, MODALITIES)
     md = render_markdown(report)
     assert "| image-shared | 80.0 ± 5.0 (70.0) | — | — | 50.0 |" in md
     assert md.count("holds:") == 5
-    _chart(report, tmp_path / "chart.png")
+    render_chart(report, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -74,3 +81,152 @@ def test_train_configs_differ_only_in_strategy():
     assert da.pop("lora")["strategy"] == "shared" and db.pop("lora")["strategy"] == "decoupled"
     assert da == db
     assert a.projector_init == "lstsq" and a.system_prompt == ""
+
+
+# ----------------------------------------------------------------------------- cache keys
+def test_keys_keep_the_existing_cache_warm():
+    """Pinned digests of the layout before the pipeline refactor: a change here makes every
+    existing quickstart cache cold (retrain, recompose, re-evaluate), so it must be meant."""
+    assert qs.naive_key(["a" * 16, "b" * 16], "0.1.0") == "6f1c7517a4596a56"
+    assert qs.mcub_key({"spoken": "1" * 16, "emoji": "0" * 16}, "0.1.0") == "b8f1803447cb6de5"
+
+
+def test_a_recipe_change_rekeys_only_its_model():
+    base = Budget()
+    longer_image = Budget(stage2_epochs=(("image", 1.0), ("audio", 0.5), ("point", 1.0)))
+
+    def key(m: str, budget: Budget, data: str = "d" * 16) -> str:
+        return qs.model_key(train_config(m, "shared", budget, [f"{m}.jsonl"]), [data], "0.1.0")
+
+    assert key("image", longer_image) != key("image", base)
+    assert key("audio", longer_image) == key("audio", base)  # the audio model stays cached
+    assert key("audio", base, data="e" * 16) != key("audio", base)  # its data changed
+    search = "s" * 16
+    damc = qs.damc_key(["k"], base, search, "0.1.0")
+    assert qs.damc_key(["k"], Budget(search_grid=(0.5,)), search, "0.1.0") != damc
+    assert qs.damc_key(["k"], base, "t" * 16, "0.1.0") != damc  # another validation set
+    assert qs.damc_key(["k"], Budget(classify_limit=None), search, "0.1.0") == damc
+    assert qs.eval_key(["t"], ("image",)) != qs.eval_key(["t"], MODALITIES)
+
+
+# ----------------------------------------------------------------------------- the stages
+def test_stage_list_is_wired_to_the_stage_functions():
+    st = qs.stages()
+    assert [s.name for s in st] == [
+        "assets",
+        "benchmark",
+        "singles",
+        "composed",
+        "evaluation",
+        "report",
+    ]
+    for s in st:  # each function takes the job and exactly the outputs it is wired to
+        assert len(inspect.signature(s.run).parameters) == 1 + len(s.inputs), s.name
+    # the timing names of docs/results.md and earlier reports
+    assert [s.title for s in st if s.timed] == [
+        "prepare assets",
+        "build mini-MCUB",
+        "train 6 single-modality models",
+        "compose NaiveMC and DAMC (lambda search)",
+        "evaluate",
+    ]
+    seen = []
+    stub = [replace(s, run=lambda _job, *a, n=s.name: seen.append((n, a)) or n) for s in st]
+    out = run_stages(stub, None, log=lambda _: None)
+    assert out["report"] == "report"
+    assert dict(seen)["evaluation"] == ("assets", "benchmark", "singles", "composed")
+
+
+def _stand_in_tasks(calls: list):
+    """Tasks with the quickstart's columns whose run records its call instead of scoring."""
+
+    def tasks(_manifests, _mcub, _budget, modalities):
+        def run_for(name: str):
+            def run(model, _proc, mods, _progress):
+                calls.append((model, name, tuple(mods)))
+                return {"acc,loglikelihood": 0.5, "acc_stderr,loglikelihood": 0.1, "n": 4}
+
+            return run
+
+        out = [qs.Task(f"classify_{m}", m, "acc,loglikelihood", [m], run_for(m), 4)
+               for m in modalities]  # fmt: skip
+        return [*out, qs.Task("mcub", None, "acc,loglikelihood", ["mcub"], run_for("mcub"), 4)]
+
+    return tasks
+
+
+def test_evaluate_caches_each_cell_under_its_model(tmp_path, monkeypatch):
+    calls, loads, logs = [], [], []
+    monkeypatch.setattr(qs, "_tasks", _stand_in_tasks(calls))
+    monkeypatch.setattr(qs, "_load", lambda path: (loads.append(path.name) or path.name, None))
+    job = qs.Job(tmp_path / "out", Budget(), Cache(tmp_path / "cache"), "0", log=logs.append)
+    singles = {
+        f"{m}-{s}": qs.Model(f"{m}-{s}", "single", tmp_path / f"{m}-{s}", f"k-{m}-{s}", (m,))
+        for m in MODALITIES
+        for s in qs.STRATEGIES
+    }
+    composed = {
+        n: qs.Model(n, "composed", tmp_path / n, f"k-{n}", MODALITIES) for n in ("NaiveMC", "DAMC")
+    }
+    assets = qs.Assets({}, {})
+    bench = qs.Benchmark(*[(tmp_path / "q.json", tmp_path / "a.json")] * 3)
+
+    ev = qs.evaluate(job, assets, bench, singles, composed)
+    assert ev.columns == COLS
+    assert [r.name for r in ev.rows] == [
+        *(f"{m}-shared" for m in MODALITIES),
+        *(f"{m}-decoupled" for m in MODALITIES),
+        "NaiveMC",
+        "DAMC",
+    ]
+    assert ev.rows[1].scores == {COLS[0]: None, COLS[1]: 0.5, COLS[2]: None, COLS[3]: 0.5}
+    assert ev.rows[1].stderr == {COLS[1]: 0.1, COLS[3]: 0.1}
+    # a single model answers MCUB with its own modality only; each model is loaded once
+    assert ("audio-shared", "mcub", ("audio",)) in calls
+    assert ("DAMC", "mcub", MODALITIES) in calls
+    assert len(calls) == 6 * 2 + 2 * 4 and sorted(loads) == sorted([*singles, *composed])
+
+    singles["audio-shared"] = replace(singles["audio-shared"], key="k-retrained")
+    again = qs.evaluate(job, assets, bench, singles, composed)
+    assert [r.scores for r in again.rows] == [r.scores for r in ev.rows]
+    assert calls[20:] == [
+        ("audio-shared", "audio", ("audio",)),
+        ("audio-shared", "mcub", ("audio",)),
+    ]
+    assert loads.count("audio-shared") == 2 and len(loads) == 9  # nothing else reloaded
+    assert job.cache.hits == 18
+
+    (tmp_path / "DAMC" / "search").mkdir(parents=True)
+    (tmp_path / "DAMC" / "search" / "search.md").write_text("lambdas\n")
+    out = qs.report(job, assets, bench, composed, again)
+    assert out.rows is again.rows and out.timings["total"] > 0
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["columns"] == COLS and len(doc["claims"]) == 5
+    assert (tmp_path / "out" / "lambda_search" / "search.md").read_text() == "lambdas\n"
+    assert (tmp_path / "out" / "results" / "NaiveMC").is_dir()
+
+
+def test_benchmark_stage_builds_each_split_once_and_cuts_the_search_set(tmp_path, monkeypatch):
+    builds = []
+
+    def stand_in_build(_assets, split, _mods, path):  # writes as build_mcub does: atomically
+        builds.append(split)
+        with atomic_dir(path, overwrite=True) as tmp:
+            for suffix in (".json", ".answers.json"):
+                items = [{"id": f"{split}{i}", "s": suffix} for i in range(40)]
+                write_json_atomic(tmp / f"MCUB-3-IAP{suffix}", items)
+
+    monkeypatch.setattr(qs, "_build_mcub", stand_in_build)
+    job = qs.Job(tmp_path / "out", Budget(), Cache(tmp_path / "cache"), "0", log=lambda _: None)
+    assets = qs.Assets({}, {"emoji": "e" * 16})
+    bench = qs.build_benchmark(job, assets)
+    assert builds == ["test", "val"]
+    assert bench.test[0].parent.name == f"test-{qs.mcub_key(assets.data_key, '0')}"
+    q, a = (json.loads(p.read_text()) for p in bench.search)
+    assert [x["id"] for x in q] == [f"val{i}" for i in range(24)] and a[0]["s"] == ".answers.json"
+    # the search set's bytes are what the DAMC key digests: written as before the refactor
+    assert bench.search[0].read_text() == json.dumps(q, indent=2, ensure_ascii=False) + "\n"
+    assert qs.build_benchmark(job, assets) == bench and builds == ["test", "val"]
+    wider = replace(job, budget=Budget(search_limit=30))
+    assert len(json.loads(qs.build_benchmark(wider, assets).search[0].read_text())) == 30
+    assert builds == ["test", "val"]  # a new search set, the same mini-MCUB

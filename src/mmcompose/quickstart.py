@@ -1,34 +1,66 @@
 """``mmcompose quickstart``: the first method's claim, measured end to end on offline assets.
 
-1. Prepare the assets: SmolLM2-135M-Instruct, EfficientNet-Lite0, Whisper tiny.en, the
-   mesh-pretrained PointNet, and the image / spoken-word / mesh datasets.
-2. Build mini-MCUB (image + audio + point cloud) from the test split, and a validation set
-   for the lambda search from the val split.
-3. Train image, audio and point-cloud MLLMs on SmolLM2 in the ``shared`` (NaiveMC) and
-   ``decoupled`` (DAMC) variants, or reuse them from the cache.
-4. Compose NaiveMC (shared LoRA deltas averaged) and DAMC (text adapters merged with
-   lambdas searched on the validation set).
-5. Evaluate every single-modality model and both compositions on each modality's test split
-   and on mini-MCUB; print one table and write a report folder (markdown, results JSON in
-   lm-evaluation-harness's layout, PNG chart).
+The job is six stages (:func:`stages`), each a function of the job and earlier outputs:
 
-Everything expensive is cached under ``<asset cache>/quickstart`` by a digest of what it
-depends on (configs, data manifests, package version), so a second run only re-reads
-results. The recipe is sized for a 2-core CPU: 4-token pooled projectors fitted in closed
-form (see :mod:`mmcompose.train.anchor`), one epoch of LoRA training, and evaluation subsets.
+1. ``prepare``: SmolLM2-135M-Instruct, EfficientNet-Lite0, Whisper tiny.en, the
+   mesh-pretrained PointNet, and the image / spoken-word / mesh datasets.
+2. ``build_benchmark``: mini-MCUB (image + audio + point cloud) from the test split, one from
+   the val split, and its first items as the lambda search's validation set.
+3. ``train_models``: image, audio and point-cloud MLLMs on SmolLM2 in the ``shared``
+   (NaiveMC) and ``decoupled`` (DAMC) variants.
+4. ``compose_models``: NaiveMC (shared LoRA deltas averaged) and DAMC (text adapters merged
+   with lambdas searched on the validation set).
+5. ``evaluate``: every single-modality model and both compositions on each modality's test
+   split and on mini-MCUB.
+6. ``report``: one table, the paper's claims on it, and the report folder (markdown, results
+   JSON in lm-evaluation-harness's layout, PNG chart; :mod:`mmcompose.report`).
+
+Everything expensive is a :class:`mmcompose.pipeline.Cache` entry under
+``<asset cache>/quickstart`` keyed by a digest of what it depends on (the ``*_key``
+functions: configs, data manifests, upstream keys, package version), so a second run only
+re-reads results. :class:`Budget` says how much work: the default is sized for a 2-core CPU
+(4-token pooled projectors fitted in closed form, see :mod:`mmcompose.train.anchor`, under one
+epoch of LoRA training, evaluation subsets).
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mmcompose.model.config import ModuleSpec, TowerConfig
+from mmcompose.pipeline import Cache, Stage, digest, file_digest, run_stages
+from mmcompose.report import (
+    QuickstartReport,
+    Row,
+    check_claims,
+    format_cell,
+    pct,
+    render_markdown,
+    write_report,
+)
+
+__all__ = [
+    "BASE_LLM",
+    "DATASETS",
+    "DEFAULT_OUT",
+    "MODALITIES",
+    "STRATEGIES",
+    "Budget",
+    "QuickstartReport",
+    "Row",
+    "format_cell",
+    "render_markdown",
+    "run_quickstart",
+    "stages",
+    "train_config",
+]
 
 DEFAULT_OUT = Path("runs/quickstart")
 BASE_LLM = "smollm2-135m-instruct"
@@ -39,7 +71,6 @@ DATASETS: dict[str, tuple[str, ...]] = {
     "audio": ("spoken",),
     "point": ("meshes",),
 }
-ENCODERS = ("efficientnet_lite0", "whisper_tiny_en", "pointnet_meshes")
 
 
 def tower(modality: str) -> TowerConfig:
@@ -121,60 +152,109 @@ def train_config(modality: str, strategy: str, budget: Budget, dataset_files: li
     )
 
 
-# ----------------------------------------------------------------------------- report types
+# ----------------------------------------------------------------------------- stage data
 @dataclass
-class Row:
-    """One model's line in the results table: accuracy per task (None: not applicable)."""
+class Job:
+    """What every stage reads: where the report goes, how much work, the cache, the log."""
 
+    out_dir: Path
+    budget: Budget
+    cache: Cache
+    version: str  # the package version: part of every key
+    modalities: tuple[str, ...] = MODALITIES
+    progress: bool = True
+    log: Callable[[str], None] = print
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class Assets:
+    manifests: dict[str, Path]  # dataset -> manifest.jsonl
+    data_key: dict[str, str]  # dataset -> digest of its manifest
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    test: tuple[Path, Path]  # mini-MCUB questions, answers
+    val: tuple[Path, Path]
+    search: tuple[Path, Path]  # the first ``search_limit`` of val: the lambda search's set
+
+
+@dataclass(frozen=True)
+class Model:
     name: str
     kind: str  # "single" or "composed"
-    scores: dict[str, float | None] = field(default_factory=dict)
-    stderr: dict[str, float | None] = field(default_factory=dict)
+    path: Path
+    key: str  # its cache key; its evaluations are keyed under it
+    modalities: tuple[str, ...]
 
 
-@dataclass
-class QuickstartReport:
-    out_dir: Path
-    rows: list[Row] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    claims: list[tuple[str, bool, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    columns: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class Task:
+    """One column: how to run it on a loaded model and which metric the table shows."""
+
+    name: str
+    modality: str | None  # None: every model takes it (mini-MCUB)
+    metric: str
+    key: list[Any]
+    run: Callable[..., dict]  # run(model, processor, modalities, progress) -> metrics block
+    n: int
 
 
-# ----------------------------------------------------------------------------- helpers
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+@dataclass(frozen=True)
+class Evaluation:
+    columns: list[str]
+    rows: list[Row]
+    results: dict[str, dict[str, dict]]  # model -> task -> metrics block
 
 
-def _file_digest(path: Path) -> str:
-    from mmcompose.fs import sha256_file
-
-    return sha256_file(path)[:16]
-
-
-def _subset(rows: list, limit: int | None) -> list:
-    """An evenly spaced, deterministic subset (keeps every label group represented)."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    step = len(rows) / limit
-    return [rows[int(i * step)] for i in range(limit)]
+# ----------------------------------------------------------------------------- cache keys
+def mcub_key(data_key: dict[str, str], version: str) -> str:
+    return digest(data_key, version)
 
 
-class _Cache:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        for d in ("models", "evals", "mcub", "compositions"):
-            (root / d).mkdir(parents=True, exist_ok=True)
-
-    def eval_path(self, model_key: str, task_key: str) -> Path:
-        return self.root / "evals" / f"{model_key}-{task_key}.json"
+def search_set_key(val_questions_digest: str, limit: int) -> str:
+    return digest(val_questions_digest, limit)
 
 
-# ----------------------------------------------------------------------------- the job
+def model_key(config: Any, data_keys: list[str], version: str) -> str:
+    return digest(config.model_dump(mode="json"), data_keys, version)
+
+
+def naive_key(source_keys: list[str], version: str) -> str:
+    return digest("naive", source_keys, version)
+
+
+def damc_key(source_keys: list[str], budget: Budget, search_set: str, version: str) -> str:
+    return digest(
+        "damc", source_keys, budget.search_grid, budget.search_passes, search_set, version
+    )
+
+
+def eval_key(task_key: list[Any], modalities: Sequence[str]) -> str:
+    """Under the model's key: the task's items and the modalities the model was given."""
+    return digest(task_key, list(modalities))
+
+
+# ----------------------------------------------------------------------------- the stages
+def stages(modalities: Sequence[str] = MODALITIES) -> list[Stage]:
+    n = len(modalities) * len(STRATEGIES)
+    return [
+        Stage("assets", prepare, title="prepare assets"),
+        Stage("benchmark", build_benchmark, ("assets",), "build mini-MCUB"),
+        Stage("singles", train_models, ("assets",), f"train {n} single-modality models"),
+        Stage(
+            "composed",
+            compose_models,
+            ("benchmark", "singles"),
+            "compose NaiveMC and DAMC (lambda search)",
+        ),
+        Stage("evaluation", evaluate, ("assets", "benchmark", "singles", "composed"), "evaluate"),
+        Stage("report", report, ("assets", "benchmark", "composed", "evaluation"), timed=False),
+    ]
+
+
 def run_quickstart(
     out_dir: str | Path = DEFAULT_OUT,
     *,
@@ -190,189 +270,216 @@ def run_quickstart(
 
     out_dir = Path(out_dir)
     refuse_existing(out_dir, force)
-    report = QuickstartReport(out_dir)
-    cache = _Cache(cache_dir() / "quickstart")
-    version = mmcompose.__version__
-    t_all = time.perf_counter()
+    cache = Cache(cache_dir() / "quickstart", log=log)
+    job = Job(out_dir, budget, cache, mmcompose.__version__, progress=progress, log=log)
+    outputs = run_stages(
+        stages(job.modalities), job, timings=job.timings, log=log, tag="quickstart"
+    )
+    return outputs["report"]
 
-    def step(name: str):
-        return _Timer(report.timings, name, log)
 
-    # 1. assets ------------------------------------------------------------------------
-    with step("prepare assets"):
-        from mmcompose.assets.datasets import prepare_datasets
-        from mmcompose.assets.encoders import prepare_encoders
-        from mmcompose.assets.llm import prepare_base_llm
+def prepare(job: Job) -> Assets:
+    from mmcompose.assets.datasets import prepare_datasets
+    from mmcompose.assets.encoders import prepare_encoders
+    from mmcompose.assets.llm import prepare_base_llm
 
-        prepare_base_llm(BASE_LLM)
-        prepare_encoders(list(ENCODERS))
-        names = [d for m in MODALITIES for d in DATASETS[m]]
-        folders = prepare_datasets(only=names, progress=progress)
-        manifests = {d: folders[d] / "manifest.jsonl" for d in names}
-        data_key = {d: _file_digest(p) for d, p in manifests.items()}
+    prepare_base_llm(BASE_LLM)
+    prepare_encoders([tower(m).encoder.name for m in job.modalities])
+    names = [d for m in job.modalities for d in DATASETS[m]]
+    folders = prepare_datasets(only=names, progress=job.progress)
+    manifests = {d: folders[d] / "manifest.jsonl" for d in names}
+    return Assets(manifests, {d: file_digest(p) for d, p in manifests.items()})
 
-    # 2. mini-MCUB ---------------------------------------------------------------------
-    with step("build mini-MCUB"):
-        from mmcompose.bench.mcub_build import build_mcub
 
-        sets = {}
-        for split in ("test", "val"):
-            folder = cache.root / "mcub" / f"{split}-{_digest(data_key, version)}"
-            if not (folder / "MCUB-3-IAP.json").is_file():
-                build_mcub(
-                    [str(manifests[d]) for d in names],
-                    folder,
-                    split=split,
-                    modalities=list(MODALITIES),
-                    force=True,
-                )
-            sets[split] = (folder / "MCUB-3-IAP.json", folder / "MCUB-3-IAP.answers.json")
+def build_benchmark(job: Job, assets: Assets) -> Benchmark:
+    from mmcompose.bench.mcub_build import set_name
 
-    # 3. single-modality models ----------------------------------------------------------
-    from mmcompose.train.trainer import train
-
-    singles: dict[tuple[str, str], tuple[Path, str]] = {}
-    with step("train 6 single-modality models"):
-        for m in MODALITIES:
-            files = [str(manifests[d]) for d in DATASETS[m]]
-            for s in STRATEGIES:
-                cfg = train_config(m, s, budget, files)
-                key = _digest(
-                    cfg.model_dump(mode="json"), [data_key[d] for d in DATASETS[m]], version
-                )
-                path = cache.root / "models" / f"{m}-{s}-{key}"
-                if not (path / "config.json").is_file():
-                    log(f"  training {m} ({s})")
-                    r = train(cfg, path, force=True, progress=progress)
-                    log(f"  {m} ({s}): {r.steps} steps, {r.seconds:.0f} s, loss {r.final_loss:.3f}")
-                else:
-                    log(f"  {m} ({s}): cached")
-                singles[(m, s)] = (path, key)
-
-    # 4. compositions ---------------------------------------------------------------------
-    composed: dict[str, tuple[Path, str]] = {}
-    search_report: Path | None = None
-    with step("compose NaiveMC and DAMC (lambda search)"):
-        from mmcompose.compose.config import ComposeConfig
-        from mmcompose.compose.executor import compose
-
-        naive_cfg = ComposeConfig.model_validate(
-            {
-                "merge_method": "linear",
-                "models": [
-                    {"model": str(singles[(m, "shared")][0]), "parameters": {"weight": 1.0}}
-                    for m in MODALITIES
-                ],
-            }
+    set_file = set_name(job.modalities)
+    key = mcub_key(assets.data_key, job.version)
+    sets = {}
+    for split in ("test", "val"):
+        folder = job.cache.folder(
+            "mcub",
+            split,
+            key,
+            partial(_build_mcub, assets, split, job.modalities),
+            done=f"{set_file}.json",
+            in_place=True,
+            label=f"mini-MCUB ({split} split)",
         )
-        key = _digest("naive", [singles[(m, "shared")][1] for m in MODALITIES], version)
-        path = cache.root / "compositions" / f"naivemc-{key}"
-        if not (path / "config.json").is_file():
-            compose(naive_cfg, path, force=True, progress=False)
-        composed["NaiveMC"] = (path, key)
+        sets[split] = (folder / f"{set_file}.json", folder / f"{set_file}.answers.json")
+    limit = job.budget.search_limit
+    folder = job.cache.folder(
+        "mcub",
+        "search",
+        search_set_key(file_digest(sets["val"][0]), limit),
+        partial(_first_items, sets["val"], limit),
+        done=sets["val"][1].name,
+    )
+    return Benchmark(
+        sets["test"], sets["val"], (folder / sets["val"][0].name, folder / sets["val"][1].name)
+    )
 
-        val_q, val_a = _trimmed_val(sets["val"], budget.search_limit, cache.root / "mcub")
-        key = _digest(
-            "damc",
-            [singles[(m, "decoupled")][1] for m in MODALITIES],
-            budget.search_grid,
-            budget.search_passes,
-            _file_digest(val_q),
-            version,
-        )
-        path = cache.root / "compositions" / f"damc-{key}"
-        if not (path / "config.json").is_file():
-            from mmcompose.compose.search import compose_with_search
 
-            damc_cfg = ComposeConfig.model_validate(
-                {
-                    "merge_method": "task_arithmetic",
-                    "models": [{"model": str(singles[(m, "decoupled")][0])} for m in MODALITIES],
-                }
+def train_models(job: Job, assets: Assets) -> dict[str, Model]:
+    models = {}
+    for m in job.modalities:
+        files = [str(assets.manifests[d]) for d in DATASETS[m]]
+        for s in STRATEGIES:
+            cfg = train_config(m, s, job.budget, files)
+            key = model_key(cfg, [assets.data_key[d] for d in DATASETS[m]], job.version)
+            label = f"{m} ({s})"
+            path = job.cache.folder(
+                "models",
+                f"{m}-{s}",
+                key,
+                partial(_train, job, cfg, label),
+                in_place=True,
+                label=label,
             )
-            result, _ = compose_with_search(
-                damc_cfg,
-                path,
-                val_q,
-                val_a,
-                force=True,
-                progress=progress,
-                grid=budget.search_grid,
-                method="coordinate",
-                max_passes=budget.search_passes,
-                mode="loglikelihood",
-            )
-            log(
-                "  DAMC lambdas "
-                + ", ".join(
-                    f"{m}={w:g}" for m, w in zip(MODALITIES, result.best_weights, strict=True)
-                )
-                + f" (val acc {result.best_accuracy:.3f})"
-            )
-        composed["DAMC"] = (path, key)
-        search_report = path / "search"
+            models[f"{m}-{s}"] = Model(f"{m}-{s}", "single", path, key, (m,))
+    return models
 
-    # 5. evaluation -----------------------------------------------------------------------
-    results: dict[str, dict[str, dict]] = {}
-    columns = [*(f"{m} (test)" for m in MODALITIES), "mini-MCUB IAP"]
-    report.columns = columns
+
+def compose_models(job: Job, bench: Benchmark, singles: dict[str, Model]) -> dict[str, Model]:
+    mods = job.modalities
+    shared = [singles[f"{m}-shared"] for m in mods]
+    decoupled = [singles[f"{m}-decoupled"] for m in mods]
+    nkey = naive_key([s.key for s in shared], job.version)
+    naive = job.cache.folder(
+        "compositions", "naivemc", nkey, partial(_naive, shared), in_place=True, label="NaiveMC"
+    )
+    dkey = damc_key(
+        [s.key for s in decoupled], job.budget, file_digest(bench.search[0]), job.version
+    )
+    damc = job.cache.folder(
+        "compositions",
+        "damc",
+        dkey,
+        partial(_damc, job, decoupled, bench.search),
+        in_place=True,
+        label="DAMC (lambda search)",
+    )
+    return {
+        "NaiveMC": Model("NaiveMC", "composed", naive, nkey, mods),
+        "DAMC": Model("DAMC", "composed", damc, dkey, mods),
+    }
+
+
+def evaluate(
+    job: Job,
+    assets: Assets,
+    bench: Benchmark,
+    singles: dict[str, Model],
+    composed: dict[str, Model],
+) -> Evaluation:
     from mmcompose.model.encode_memo import memoized_encoders
 
-    with step("evaluate"), memoized_encoders():
-        tasks = _tasks(manifests, sets["test"], budget)
-        models = [
-            (f"{m}-{s}", "single", singles[(m, s)], (m,)) for s in STRATEGIES for m in MODALITIES
-        ] + [(n, "composed", composed[n], MODALITIES) for n in ("NaiveMC", "DAMC")]
-        for name, kind, (path, mkey), mods in models:
-            row = Row(name, kind)
-            results[name] = {}
-            loaded = None
+    columns = _columns(job.modalities)
+    tasks = _tasks(assets.manifests, bench.test, job.budget, job.modalities)
+    order = [singles[f"{m}-{s}"] for s in STRATEGIES for m in job.modalities]
+    rows, results = [], {}
+    with memoized_encoders():
+        for model in [*order, *composed.values()]:
+            loaded = functools.cache(partial(_load, model.path))  # only if an entry is missing
+            row = Row(model.name, model.kind)
+            results[model.name] = {}
             for col, task in zip(columns, tasks, strict=True):
-                if task["modality"] is not None and task["modality"] not in mods:
+                if task.modality is not None and task.modality not in model.modalities:
                     row.scores[col] = None
                     continue
-                tkey = _digest(task["key"], mods)
-                cached = cache.eval_path(mkey, tkey)
-                if cached.is_file():
-                    block = json.loads(cached.read_text())
-                else:
-                    if loaded is None:
-                        loaded = _load(path)
-                    block = task["run"](*loaded, mods, progress)
-                    from mmcompose.fs import write_json_atomic
-
-                    write_json_atomic(cached, block)
-                results[name][task["name"]] = block
-                metric = task["metric"]
-                row.scores[col] = block[metric]
-                row.stderr[col] = block.get(metric.replace(",", "_stderr,"))
-                if budget.generate and "acc,generate" in block:
+                block = job.cache.json(
+                    "evals",
+                    model.key,
+                    eval_key(task.key, model.modalities),
+                    partial(_run_task, task, loaded, model.modalities, job.progress),
+                )
+                results[model.name][task.name] = block
+                row.scores[col] = block[task.metric]
+                row.stderr[col] = block.get(task.metric.replace(",", "_stderr,"))
+                if job.budget.generate and "acc,generate" in block:
                     row.scores[f"{col} gen"] = block["acc,generate"]
-            report.rows.append(row)
-            log(f"  {name}: " + ", ".join(_fmt(row.scores.get(c)) for c in columns))
-
-    report.claims = _claims(report.rows, columns)
-    report.timings["total"] = time.perf_counter() - t_all
-    _write_report(report, results, search_report, budget, tasks_info(manifests, sets, budget))
-    return report
+            rows.append(row)
+            job.log(f"  {model.name}: " + ", ".join(pct(row.scores.get(c)) for c in columns))
+    return Evaluation(columns, rows, results)
 
 
-def _fmt(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
+def report(
+    job: Job,
+    assets: Assets,
+    bench: Benchmark,
+    composed: dict[str, Model],
+    ev: Evaluation,
+) -> QuickstartReport:
+    out = QuickstartReport(job.out_dir, ev.rows, job.timings, columns=ev.columns)
+    out.claims = check_claims(ev.rows, ev.columns, job.modalities)
+    job.timings["total"] = time.perf_counter() - job.started
+    info = tasks_info(assets.manifests, bench, job.budget)
+    write_report(out, ev.results, composed["DAMC"].path / "search", info)
+    return out
 
 
-class _Timer:
-    def __init__(self, timings: dict[str, float], name: str, log: Callable[[str], None]) -> None:
-        self.timings, self.name, self.log = timings, name, log
+# ----------------------------------------------------------------------------- stage helpers
+def _build_mcub(assets: Assets, split: str, modalities: Sequence[str], path: Path) -> None:
+    from mmcompose.bench.mcub_build import build_mcub
 
-    def __enter__(self) -> None:
-        self.log(f"[quickstart] {self.name} ...")
-        self.t = time.perf_counter()
+    manifests = [str(p) for p in assets.manifests.values()]
+    build_mcub(manifests, path, split=split, modalities=list(modalities), force=True)
 
-    def __exit__(self, *exc: object) -> None:
-        self.timings[self.name] = time.perf_counter() - self.t
-        if exc[0] is None:
-            self.log(f"[quickstart] {self.name}: {self.timings[self.name]:.1f} s")
+
+def _first_items(files: tuple[Path, Path], limit: int, folder: Path) -> None:
+    """The first ``limit`` items of a set (the builder shuffles by seed) as their own files."""
+    from mmcompose.fs import write_json_atomic
+
+    for f in files:
+        write_json_atomic(folder / f.name, json.loads(f.read_text())[:limit])
+
+
+def _train(job: Job, cfg: Any, label: str, path: Path) -> None:
+    from mmcompose.train.trainer import train
+
+    r = train(cfg, path, force=True, progress=job.progress)
+    job.log(f"  {label}: {r.steps} steps, loss {r.final_loss:.3f}")
+
+
+def _naive(sources: list[Model], path: Path) -> None:
+    from mmcompose.compose.config import ComposeConfig
+    from mmcompose.compose.executor import compose
+
+    cfg = ComposeConfig.model_validate(
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(s.path), "parameters": {"weight": 1.0}} for s in sources],
+        }
+    )
+    compose(cfg, path, force=True, progress=False)
+
+
+def _damc(job: Job, sources: list[Model], val: tuple[Path, Path], path: Path) -> None:
+    from mmcompose.compose.config import ComposeConfig
+    from mmcompose.compose.search import compose_with_search
+
+    cfg = ComposeConfig.model_validate(
+        {"merge_method": "task_arithmetic", "models": [{"model": str(s.path)} for s in sources]}
+    )
+    b = job.budget
+    result, _ = compose_with_search(
+        cfg,
+        path,
+        *val,
+        force=True,
+        progress=job.progress,
+        grid=b.search_grid,
+        method="coordinate",
+        max_passes=b.search_passes,
+        mode="loglikelihood",
+    )
+    weights = zip((s.modalities[0] for s in sources), result.best_weights, strict=True)
+    job.log(
+        "  DAMC lambdas "
+        + ", ".join(f"{m}={w:g}" for m, w in weights)
+        + f" (val acc {result.best_accuracy:.3f})"
+    )
 
 
 def _load(path: Path):
@@ -382,193 +489,70 @@ def _load(path: Path):
     return model, MMProcessor.from_pretrained(path)
 
 
-def _trimmed_val(files: tuple[Path, Path], limit: int, root: Path) -> tuple[Path, Path]:
-    """The first ``limit`` validation items (the builder shuffles by seed) as their own files."""
-    from mmcompose.fs import write_json_atomic
-
-    key = _digest(_file_digest(files[0]), limit)
-    out_q, out_a = root / f"val-{key}.json", root / f"val-{key}.answers.json"
-    if not out_a.is_file():  # written last
-        q, a = (json.loads(f.read_text()) for f in files)
-        write_json_atomic(out_q, q[:limit])
-        write_json_atomic(out_a, a[:limit])
-    return out_q, out_a
+def _run_task(
+    task: Task, loaded: Callable[[], tuple], modalities: tuple[str, ...], progress: bool
+) -> dict:
+    return task.run(*loaded(), modalities, progress)
 
 
-def _tasks(manifests: dict[str, Path], mcub: tuple[Path, Path], budget: Budget) -> list[dict]:
-    """Per column: how to run it on a loaded model and which metric the table shows."""
+def _subset(rows: list, limit: int | None) -> list:
+    """An evenly spaced, deterministic subset (keeps every label group represented)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    step = len(rows) / limit
+    return [rows[int(i * step)] for i in range(limit)]
+
+
+def _columns(modalities: Sequence[str]) -> list[str]:
+    from mmcompose.bench.mcub_build import SET_LETTERS
+
+    return [
+        *(f"{m} (test)" for m in modalities),
+        "mini-MCUB " + "".join(SET_LETTERS[m] for m in modalities),
+    ]
+
+
+def _tasks(
+    manifests: dict[str, Path],
+    mcub: tuple[Path, Path],
+    budget: Budget,
+    modalities: Sequence[str] = MODALITIES,
+) -> list[Task]:
+    """Per column, in :func:`_columns` order: the classification of each modality, mini-MCUB."""
     from mmcompose.bench.classify import classify, read_manifest
     from mmcompose.bench.mcub import evaluate_mcub, load_mcub, restrict_modalities
     from mmcompose.bench.results import task_block
 
     tasks = []
-    for m in MODALITIES:
+    modes = ("loglikelihood", "generate") if budget.generate else ("loglikelihood",)
+    for m in modalities:
         rows_all = [r for d in DATASETS[m] for r in read_manifest(manifests[d], None)]
         labels = sorted({r["label"] for r in rows_all})
         test = _subset([r for r in rows_all if r["split"] == "test"], budget.classify_limit)
-        modes = ("loglikelihood", "generate") if budget.generate else ("loglikelihood",)
 
-        def run(model, proc, _mods, progress, test=test, labels=labels, modes=modes, m=m):
+        def run(model, proc, _mods, progress, test=test, labels=labels, m=m):
             r = classify(model, proc, test, labels=labels, modes=modes, progress=progress)
             return {**task_block(r.correct, f"classify_{m}"), "n": r.n}
 
-        tasks.append(
-            {
-                "name": f"classify_{m}",
-                "modality": m,
-                "metric": "acc,loglikelihood",
-                "key": ["classify", [r["id"] for r in test], labels, modes],
-                "run": run,
-                "n": len(test),
-            }
-        )
+        key = ["classify", [r["id"] for r in test], labels, modes]
+        tasks.append(Task(f"classify_{m}", m, "acc,loglikelihood", key, run, len(test)))
     items = _subset(load_mcub(*mcub), budget.mcub_limit)
+    name = "mcub_" + "_".join(modalities)
 
-    def run_mcub(model, proc, mods, progress, items=items):
-        its = restrict_modalities(items, list(mods)) if len(mods) < len(MODALITIES) else items
+    def run_mcub(model, proc, mods, progress):
+        its = restrict_modalities(items, list(mods)) if len(mods) < len(modalities) else items
         r = evaluate_mcub(model, proc, its, ("loglikelihood",), progress=progress)
-        return {**task_block(r.correct, "mcub_image_audio_point"), "n": r.n}
+        return {**task_block(r.correct, name), "n": r.n}
 
-    tasks.append(
-        {
-            "name": "mcub_image_audio_point",
-            "modality": None,
-            "metric": "acc,loglikelihood",
-            "key": ["mcub", _file_digest(mcub[0]), _file_digest(mcub[1]), len(items)],
-            "run": run_mcub,
-            "n": len(items),
-        }
-    )
+    key = ["mcub", file_digest(mcub[0]), file_digest(mcub[1]), len(items)]
+    tasks.append(Task(name, None, "acc,loglikelihood", key, run_mcub, len(items)))
     return tasks
 
 
-def tasks_info(manifests, sets, budget: Budget) -> dict[str, Any]:
+def tasks_info(manifests: dict[str, Path], bench: Benchmark, budget: Budget) -> dict[str, Any]:
     return {
         "datasets": {d: str(p) for d, p in manifests.items()},
-        "mcub_test": [str(p) for p in sets["test"]],
-        "mcub_val": [str(p) for p in sets["val"]],
+        "mcub_test": [str(p) for p in bench.test],
+        "mcub_val": [str(p) for p in bench.val],
         "budget": budget.__dict__,
     }
-
-
-def _claims(rows: list[Row], columns: list[str]) -> list[tuple[str, bool, str]]:
-    """The paper's three claims, checked on this run's numbers."""
-    by = {r.name: r for r in rows}
-    mcub = columns[-1]
-    out = []
-    singles = [r for r in rows if r.kind == "single"]
-    best_single = max(singles, key=lambda r: r.scores[mcub] or 0.0)
-    for comp in ("NaiveMC", "DAMC"):
-        c = by[comp].scores[mcub] or 0.0
-        out.append(
-            (
-                f"{comp} beats every single-modality model on mini-MCUB",
-                c > (best_single.scores[mcub] or 0.0),
-                f"{_fmt(c)} vs best single {best_single.name} {_fmt(best_single.scores[mcub])}",
-            )
-        )
-    d, n = by["DAMC"].scores[mcub] or 0.0, by["NaiveMC"].scores[mcub] or 0.0
-    out.append(("DAMC >= NaiveMC on mini-MCUB", d >= n, f"{_fmt(d)} vs {_fmt(n)}"))
-    for comp, strategy in (("NaiveMC", "shared"), ("DAMC", "decoupled")):
-        worst = []
-        for m, col in zip(MODALITIES, columns, strict=False):
-            src = by[f"{m}-{strategy}"].scores[col] or 0.0
-            kept = (by[comp].scores[col] or 0.0) / src if src else float("nan")
-            worst.append((kept, m))
-        ok = all(k >= 0.95 for k, _ in worst)
-        detail = ", ".join(f"{m} {100 * k:.0f}%" for k, m in worst)
-        out.append((f"{comp} keeps >= 95% of each source's own-modality accuracy", ok, detail))
-    return out
-
-
-def _write_report(
-    report: QuickstartReport,
-    results: dict[str, dict[str, dict]],
-    search_report: Path | None,
-    budget: Budget,
-    info: dict[str, Any],
-) -> None:
-    import shutil
-
-    from mmcompose.bench.results import write_results
-    from mmcompose.fs import atomic_dir
-
-    with atomic_dir(report.out_dir, overwrite=True) as tmp:
-        for name, blocks in results.items():
-            write_results(
-                tmp / "results" / name,
-                {t: {k: v for k, v in b.items() if k != "n"} for t, b in blocks.items()},
-                {t: {"task": t, **info} for t in blocks},
-                {t: int(b.get("n", 0)) for t, b in blocks.items()},
-                {"model": "mmcompose", "model_args": f"name={name}", "device": "cpu"},
-            )
-        doc = {
-            "columns": report.columns,
-            "rows": [r.__dict__ for r in report.rows],
-            "claims": [{"claim": c, "holds": ok, "detail": d} for c, ok, d in report.claims],
-            "timings_s": report.timings,
-            "setup": info,
-        }
-        (tmp / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        (tmp / "report.md").write_text(render_markdown(report))
-        _chart(report, tmp / "chart.png")
-        if search_report is not None and search_report.is_dir():
-            shutil.copytree(search_report, tmp / "lambda_search")
-
-
-def format_cell(row: Row, column: str, stderr: bool = False) -> str:
-    """One table cell in %: "—" where not applicable, ± the standard error if asked, the
-    generation accuracy in brackets when it was measured."""
-    v = row.scores.get(column)
-    if v is None:
-        return "—"
-    se = row.stderr.get(column)
-    cell = f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if stderr and se == se and se else "")
-    g = row.scores.get(f"{column} gen")
-    return cell + (f" ({100 * g:.1f})" if g is not None else "")
-
-
-def render_markdown(report: QuickstartReport) -> str:
-    cols = report.columns
-    lines = [
-        "# mmcompose quickstart",
-        "",
-        "Accuracy (%) by log-likelihood over the label set (classification, test split) and "
-        "over the four options (mini-MCUB); ± is the standard error. "
-        "Generation accuracy in brackets.",
-        "",
-        "| model | " + " | ".join(cols) + " |",
-        "|---|" + "---|" * len(cols),
-    ]
-    for r in report.rows:
-        cells = [format_cell(r, c, stderr=True) for c in cols]
-        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
-    lines += ["", "## The paper's claims on this run", ""]
-    for claim, ok, detail in report.claims:
-        lines.append(f"- {'holds' if ok else 'does not hold'}: {claim} ({detail})")
-    lines += ["", "## Time (s)", ""]
-    lines += [f"- {k}: {v:.1f}" for k, v in report.timings.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _chart(report: QuickstartReport, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = report.columns
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(report.rows)
-    for i, r in enumerate(report.rows):
-        xs = [j + i * width for j, c in enumerate(cols) if r.scores.get(c) is not None]
-        ys = [100 * r.scores[c] for c in cols if r.scores.get(c) is not None]
-        ax.bar(xs, ys, width, label=r.name, hatch="//" if r.kind == "composed" else None)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(ncol=4, fontsize=8)
-    ax.set_title("single-modality models vs compositions (SmolLM2-135M)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
