@@ -65,7 +65,7 @@ def clipart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     _png(root / "food/fruit/apple_red.png", (255, 0, 0), size=(600, 300))  # shrunk
     _png(root / "food/fruit/orange_juice_box.png", (255, 128, 0))  # stop word: left out
     _png(root / "computer/icons/apple.png", (0, 0, 0))  # top folder not used
-    monkeypatch.setattr(ds, "OPENCLIPART_DIR", root)
+    monkeypatch.setattr(ds.openclipart, "OPENCLIPART_DIR", root)
     return root
 
 
@@ -206,9 +206,9 @@ def _forbid_rebuild(monkeypatch: pytest.MonkeyPatch, name: str) -> ds.DatasetSpe
     def boom(out: Path, seed: int) -> list:
         raise AssertionError("rebuilt a complete dataset")
 
-    spec = ds.DATASETS[name]
+    spec = ds.DATASETS.get(name)
     monkeypatch.setitem(
-        ds.DATASETS, name, ds.DatasetSpec(spec.name, spec.modality, boom, spec.sources)
+        ds.DATASETS._items, name, ds.DatasetSpec(spec.name, spec.modality, boom, spec.sources)
     )
     return spec
 
@@ -223,7 +223,7 @@ def test_prepare_is_idempotent_and_force_rebuilds(
     assert ds.prepare_datasets(only=["openclipart"], progress=False)["openclipart"] == folder
     with pytest.raises(AssertionError, match="rebuilt"):  # a new seed is a new dataset
         ds.prepare_datasets(only=["openclipart"], progress=False, seed=1)
-    monkeypatch.setitem(ds.DATASETS, "openclipart", spec)
+    monkeypatch.setitem(ds.DATASETS._items, "openclipart", spec)
     shutil.rmtree(folder / "images")  # damage it: force must rebuild from the sources
     ds.prepare_datasets(only=["openclipart"], force=True, progress=False)
     assert (folder / ds.ITEMS_NAME).read_bytes() == before  # deterministic rebuild
@@ -269,7 +269,7 @@ def test_old_split_is_rewritten_without_rebuilding(
     Path(recs[0]["path"]).unlink()
     with pytest.raises(AssertionError, match="rebuilt"):
         ds.prepare_datasets(only=["openclipart"], progress=False)
-    monkeypatch.setitem(ds.DATASETS, "openclipart", spec)
+    monkeypatch.setitem(ds.DATASETS._items, "openclipart", spec)
     ds.prepare_datasets(only=["openclipart"], progress=False)
     assert (folder / ds.ITEMS_NAME).read_bytes() == fresh
 
@@ -278,7 +278,7 @@ def test_failed_build_leaves_previous_dataset_intact(
     cache: Path, clipart: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = ds.prepare_datasets(only=["openclipart"], progress=False)["openclipart"]
-    monkeypatch.setattr(ds, "OPENCLIPART_DIR", clipart / "gone")
+    monkeypatch.setattr(ds.openclipart, "OPENCLIPART_DIR", clipart / "gone")
     with pytest.raises(MissingAssetError):
         ds.prepare_datasets(only=["openclipart"], force=True, progress=False)
     assert len(_records(folder)) == 4 and (folder / MANIFEST_NAME).is_file()
@@ -288,8 +288,8 @@ def test_failed_build_leaves_previous_dataset_intact(
 def test_missing_sources_name_the_packages(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ds, "OPENCLIPART_DIR", tmp_path / "none")
-    monkeypatch.setattr(ds, "LMMS_SAMPLES_DIR", tmp_path / "none")
+    monkeypatch.setattr(ds.openclipart, "OPENCLIPART_DIR", tmp_path / "none")
+    monkeypatch.setattr(ds.sounds, "LMMS_SAMPLES_DIR", tmp_path / "none")
     with pytest.raises(MissingAssetError) as err:
         ds.prepare_datasets(only=["openclipart", "sounds"], progress=False)
     assert err.value.hint == "apt-get install -y openclipart-png lmms-common"
@@ -299,16 +299,16 @@ def test_missing_sources_name_the_packages(
 def test_missing_pybullet_names_pip_and_missing_emoji_font_names_apt(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ds, "CGAL_DATA_TARBALLS", (tmp_path / "data.tar.gz",))
+    monkeypatch.setattr(ds.meshes, "CGAL_DATA_TARBALLS", (tmp_path / "data.tar.gz",))
     with pytest.raises(MissingAssetError, match="libcgal-demo") as err:
         ds.prepare_datasets(only=["meshes"], progress=False)
     assert err.value.hint == "apt-get install -y libcgal-demo"
     _cgal_tarball(tmp_path / "data.tar.gz")
-    monkeypatch.setattr(ds, "PYBULLET_DATA_DIR", tmp_path / "no-pybullet")
+    monkeypatch.setattr(ds.meshes, "PYBULLET_DATA_DIR", tmp_path / "no-pybullet")
     with pytest.raises(MissingAssetError) as err:
         ds.prepare_datasets(only=["meshes"], progress=False)
     assert err.value.hint == "pip install pybullet"
-    monkeypatch.setattr(ds, "EMOJI_FONT", tmp_path / "NotoColorEmoji.ttf")
+    monkeypatch.setattr(ds.emoji, "EMOJI_FONT", tmp_path / "NotoColorEmoji.ttf")
     with pytest.raises(MissingAssetError) as err:
         ds.prepare_datasets(only=["emoji"], progress=False)
     assert err.value.hint == "apt-get install -y fonts-noto-color-emoji"
@@ -333,8 +333,8 @@ def test_sounds_are_labelled_resampled_and_unlabelled_ones_dropped(
     _wav(fd / "bell.oga", 880, fmt="OGG")
     _wav(alsa / "Front_Center.wav", 200, rate=48000)
     for name, path in (("LMMS_SAMPLES_DIR", lmms), ("FREEDESKTOP_SOUNDS_DIR", fd)):
-        monkeypatch.setattr(ds, name, path)
-    monkeypatch.setattr(ds, "ALSA_SOUNDS_DIR", alsa)
+        monkeypatch.setattr(ds.sounds, name, path)
+    monkeypatch.setattr(ds.sounds, "ALSA_SOUNDS_DIR", alsa)
     folder = ds.prepare_datasets(only=["sounds"], progress=False)["sounds"]
     recs = {r["id"]: r for r in _records(folder)}
     assert {k: r["label"] for k, r in recs.items()} == {
@@ -370,16 +370,18 @@ def test_meshes_give_seeded_augmented_clouds(
     bullet = tmp_path / "pybullet_data"
     bullet.mkdir()
     trimesh.creation.icosphere(subdivisions=2).export(bullet / "duck.obj")
-    monkeypatch.setattr(ds, "CGAL_DATA_TARBALLS", (tmp_path / "data.tar.gz",))
-    monkeypatch.setattr(ds, "PYBULLET_DATA_DIR", bullet)
+    monkeypatch.setattr(ds.meshes, "CGAL_DATA_TARBALLS", (tmp_path / "data.tar.gz",))
+    monkeypatch.setattr(ds.meshes, "PYBULLET_DATA_DIR", bullet)
     monkeypatch.setattr(
-        ds, "MESHES", (("cgal", "data/meshes/cow.off", "cow"), ("pybullet", "duck.obj", "duck"))
+        ds.meshes,
+        "MESHES",
+        (("cgal", "data/meshes/cow.off", "cow"), ("pybullet", "duck.obj", "duck")),
     )
     folder = ds.prepare_datasets(only=["meshes"], progress=False)["meshes"]
     recs = _records(folder)
     assert Counter(r["label"] for r in recs) == {"cow": 12, "duck": 12}
     clouds = [load_point_cloud(r["path"]) for r in recs if r["label"] == "cow"]
-    assert all(c.shape == (ds.POINTS, 3) and np.isfinite(c).all() for c in clouds)
+    assert all(c.shape == (ds.meshes.POINTS, 3) and np.isfinite(c).all() for c in clouds)
     assert all(np.linalg.norm(c, axis=1).max() < 1.3 for c in clouds)  # unit sphere x scale
     assert not np.allclose(clouds[0], clouds[1])  # augmentations differ
     assert not (folder / "scratch").exists()
@@ -395,21 +397,21 @@ def test_clips_cut_real_videos_and_pan_over_images(
     opencv = tmp_path / "opencv"
     _png(opencv / "apple.jpg", (200, 30, 30), size=(320, 200))
     _video(opencv / "tree.avi", frames=40)
-    monkeypatch.setattr(ds, "OPENCV_DATA_DIR", opencv)
-    monkeypatch.setattr(ds, "OPENCV_HTML_DIR", tmp_path / "none")
-    monkeypatch.setattr(ds, "SKIMAGE_PHOTOS", {})
-    monkeypatch.setattr(ds, "IMAGE_DATASETS", ("openclipart", "photos"))
+    monkeypatch.setattr(ds.sources, "OPENCV_DATA_DIR", opencv)
+    monkeypatch.setattr(ds.sources, "OPENCV_HTML_DIR", tmp_path / "none")
+    monkeypatch.setattr(ds.photos, "SKIMAGE_PHOTOS", {})
+    monkeypatch.setattr(ds.clips, "IMAGE_DATASETS", ("openclipart", "photos"))
     folder = ds.prepare_datasets(only=["clips"], progress=False)["clips"]
     recs = _records(folder)
     real = [r for r in recs if r["id"].startswith("clips/opencv/")]
     assert [r["label"] for r in real] == ["tree", "tree"]  # 40 frames: two 16-frame segments
     pan = Counter(r["label"] for r in recs if r["id"].startswith("clips/panzoom/"))
-    assert pan == {lab: ds.CLIPS_PER_LABEL for lab in ("apple", "bird", "cow", "duck")}
+    assert pan == {lab: ds.clips.CLIPS_PER_LABEL for lab in ("apple", "bird", "cow", "duck")}
     for r in recs:
         frames = load_video(r["path"], num_frames=4)
         assert frames.shape[0] == 4 and frames.dtype == np.uint8
     zoom = next(r for r in recs if r.get("motion") == "zoom in" and r["label"] == "apple")
-    first, last = load_video(zoom["path"], num_frames=ds.CLIP_FRAMES)[[0, -1]]
+    first, last = load_video(zoom["path"], num_frames=ds.clips.CLIP_FRAMES)[[0, -1]]
     assert first.mean() > last.mean() + 20  # zooming in on a red photo: less white border
     assert (cache / "datasets/photos" / MANIFEST_NAME).is_file()  # dependency prepared
     apple: dict[str, set[str]] = {}  # two images, two clips each
@@ -443,24 +445,24 @@ def test_concept_table_counts_labels_per_modality(tmp_path: Path) -> None:
 
 def test_vocabulary_emoji_names_exist() -> None:
     names = [n for names in ds.CONCEPTS.values() for n in names]
-    found = {label for label, _, _ in ds._emoji_chars()}
+    found = {label for label, _, _ in ds.emoji._emoji_chars()}
     assert len(found) >= 0.9 * sum(1 for v in ds.CONCEPTS.values() if v)
     assert len(names) == len(set(names))
-    assert set(ds.CLIPART_KEYWORDS) <= set(ds.CONCEPTS)
-    assert {label for _, _, label in ds.MESHES} <= set(ds.CONCEPTS)
+    assert set(ds.openclipart.CLIPART_KEYWORDS) <= set(ds.CONCEPTS)
+    assert {label for _, _, label in ds.meshes.MESHES} <= set(ds.CONCEPTS)
 
 
 # --------------------------------------------------------------------------- real sources
 def _require_real() -> None:
     checks = {
-        "fonts-noto-color-emoji": ds.EMOJI_FONT.is_file(),
-        "openclipart-png": ds.OPENCLIPART_DIR.is_dir(),
-        "opencv-doc": ds.OPENCV_DATA_DIR.is_dir(),
-        "espeak-ng": shutil.which(ds.ESPEAK) is not None,
-        "lmms-common": ds.LMMS_SAMPLES_DIR.is_dir(),
-        "sound-theme-freedesktop": ds.FREEDESKTOP_SOUNDS_DIR.is_dir(),
-        "alsa-utils": ds.ALSA_SOUNDS_DIR.is_dir(),
-        "libcgal-demo": any(p.is_file() for p in ds.CGAL_DATA_TARBALLS),
+        "fonts-noto-color-emoji": ds.emoji.EMOJI_FONT.is_file(),
+        "openclipart-png": ds.openclipart.OPENCLIPART_DIR.is_dir(),
+        "opencv-doc": ds.sources.OPENCV_DATA_DIR.is_dir(),
+        "espeak-ng": shutil.which(ds.spoken.ESPEAK) is not None,
+        "lmms-common": ds.sounds.LMMS_SAMPLES_DIR.is_dir(),
+        "sound-theme-freedesktop": ds.sounds.FREEDESKTOP_SOUNDS_DIR.is_dir(),
+        "alsa-utils": ds.sounds.ALSA_SOUNDS_DIR.is_dir(),
+        "libcgal-demo": any(p.is_file() for p in ds.meshes.CGAL_DATA_TARBALLS),
     }
     missing = [pkg for pkg, ok in checks.items() if not ok]
     if missing:
@@ -474,7 +476,8 @@ def real_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("real-cache")
     mp.setenv("MMCOMPOSE_CACHE", str(root))
-    mp.setattr(ds, "SPOKEN_VOICES", ds.SPOKEN_VOICES[:3])  # 3 of 8 voices: keeps it ~1 min
+    # 3 of 8 voices: keeps it ~1 min
+    mp.setattr(ds.spoken, "SPOKEN_VOICES", ds.spoken.SPOKEN_VOICES[:3])
     try:
         ds.prepare_datasets(progress=False)
         yield root

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmcompose.assets import efficientnet, whisper
 from mmcompose.assets import encoders as E
 from mmcompose.assets.cache import MANIFEST_NAME, MissingAssetError
 from mmcompose.errors import CheckpointError, ConfigError
@@ -73,7 +74,7 @@ def test_efficientnet_bad_params(params: dict) -> None:
     [(224, 3, 2, 1), (224, 5, 2, 3), (7, 5, 1, 4), (225, 3, 2, 2), (14, 1, 1, 0)],
 )
 def test_same_padding_matches_tensorflow(size: int, kernel: int, stride: int, pad: int) -> None:
-    assert E._same_pad(size, kernel, stride) == pad
+    assert efficientnet._same_pad(size, kernel, stride) == pad
 
 
 def test_same_pad_conv_puts_extra_pixel_bottom_right() -> None:
@@ -102,8 +103,8 @@ def test_efficientnet_state_dict_round_trip() -> None:
 
 def _to_package_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of the converter, to build a package-style state dict without the package."""
-    block = {v: k for k, v in E._LITE_BLOCK_RENAMES.items()}
-    top = {v: k for k, v in E._LITE_TOP_RENAMES.items()}
+    block = {v: k for k, v in efficientnet._LITE_BLOCK_RENAMES.items()}
+    top = {v: k for k, v in efficientnet._LITE_TOP_RENAMES.items()}
     out = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -289,7 +290,7 @@ def test_ctranslate2_reader_and_converter(tmp_path: Path) -> None:
     assert arrays["decoder/projection/weight"] is arrays["decoder/embeddings/weight"]
     assert arrays["encoder/num_heads"] == 2 and arrays["encoder/conv1/weight"].dtype == np.float16
 
-    config = E._whisper_config_from_ctranslate2(arrays)
+    config = whisper._whisper_config_from_ctranslate2(arrays)
     assert (config.encoder_layers, config.decoder_layers, config.d_model) == (2, 1, 12)
     assert (config.encoder_attention_heads, config.max_source_positions, config.num_mel_bins) == (
         2,
@@ -325,7 +326,7 @@ def test_converter_refuses_quantised_weights() -> None:
         "encoder/conv1/weight_scale": np.ones(2, np.float32),
     }
     with pytest.raises(CheckpointError, match="quantised"):
-        E._t(arrays, "encoder/conv1/weight")
+        whisper._t(arrays, "encoder/conv1/weight")
 
 
 # --- prepare flow and missing assets --------------------------------------------------------
@@ -482,7 +483,7 @@ def test_real_whisper_matches_faster_whisper(real_cache: None, tmp_path: Path) -
     with torch.no_grad():
         assert torch.allclose(hf(mel[None]).last_hidden_state, ours, atol=1e-6)
     _, arrays = E.read_ctranslate2_model(model_dir / "model.bin")
-    full = WhisperForConditionalGeneration(E._whisper_config_from_ctranslate2(arrays))
+    full = WhisperForConditionalGeneration(whisper._whisper_config_from_ctranslate2(arrays))
     state = {f"model.{k}": v for k, v in E.whisper_state_dict_from_ctranslate2(arrays).items()}
     result = full.load_state_dict(state, strict=False)
     assert result.unexpected_keys == [] and result.missing_keys == ["proj_out.weight"]

@@ -41,7 +41,7 @@ from mmcompose.assets.cache import (
     sha256_file,
     write_json_atomic,
 )
-from mmcompose.assets.encoders import save_weights
+from mmcompose.assets.weights import CONFIG_NAME, WEIGHTS_NAME, load_cached_weights, save_weights
 from mmcompose.errors import MMComposeError
 from mmcompose.model import media
 from mmcompose.model.encoders import (
@@ -78,7 +78,7 @@ POINTNET_MESHES_ARCH: dict[str, int] = {
     "group_size": 16,
     "width": 128,
 }
-WEIGHTS_NAME, HEAD_NAME, CONFIG_NAME = "model.safetensors", "head.safetensors", "config.json"
+HEAD_NAME = "head.safetensors"  # the pretraining head, kept for reference
 INSTALL_HINT = f"mmcompose assets prepare --only {POINTNET_MESHES}"
 
 
@@ -516,8 +516,6 @@ class PointNetMeshesEncoder(PointNetEncoder):
             self._load_cached()
 
     def _load_cached(self) -> None:
-        from mmcompose.assets.encoders import load_cached_weights
-
         folder = pointnet_meshes_dir()
         if not _is_complete(folder):
             stale = (folder / MANIFEST_NAME).is_file() and _stale_source(folder)
