@@ -38,7 +38,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show a model's LLM, towers, LoRA adapters and parameter counts (reads no weights)."""
-    from mmcompose.inspect import describe
+    from mmcompose.inspect import describe, human_count
 
     info = describe(model_dir)
     if as_json:
@@ -48,7 +48,7 @@ def inspect(
     out.print(f"[bold]{info['path']}[/]  ({info['num_tensors']} tensors, {info['dtype']})")
     out.print(
         f"LLM: {llm['model_type']}, hidden {llm['hidden_size']}, {llm['num_layers']} layers, "
-        f"vocab {llm['vocab_size']}, {_n(llm['params'])} parameters"
+        f"vocab {llm['vocab_size']}, {human_count(llm['params'])} parameters"
     )
     t = Table(
         "modality",
@@ -66,8 +66,8 @@ def inspect(
             tw["encoder"] + frozen,
             tw["projector"],
             f"{tw['prefix_tokens']}/{tw['suffix_tokens']}",
-            _n(tw["encoder_params"]),
-            _n(tw["projector_params"]),
+            human_count(tw["encoder_params"]),
+            human_count(tw["projector_params"]),
         )
     out.print(t if info["towers"] else "Towers: none (text only)")
     lora = info["lora"]
@@ -86,12 +86,12 @@ def inspect(
                 str(ad["rank"]),
                 f"{ad['alpha']:g}",
                 ", ".join(ad["used_by"]) or "-",
-                _n(ad["params"]),
+                human_count(ad["params"]),
             )
         out.print(a)
     else:
         out.print("LoRA: none")
-    out.print(f"Total parameters: [bold]{_n(info['total_params'])}[/]")
+    out.print(f"Total parameters: [bold]{human_count(info['total_params'])}[/]")
 
 
 @app.command()
@@ -113,39 +113,29 @@ def generate(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: int = 0,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the LLM's chat template.")] = True,
-    device: str = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print text and token ids as JSON.")
     ] = False,
 ) -> None:
     """Generate text from a prompt and modality inputs."""
-    import torch
+    from mmcompose.model.generation import generate_from_folder
 
-    from mmcompose.model import MMComposeForCausalLM, MMProcessor
-
-    torch.manual_seed(seed)
-    processor = MMProcessor.from_pretrained(model_dir)
-    inputs = {"image": image, "audio": audio, "video": video, "point": point}
-    batch = processor(prompt, {m: v for m, v in inputs.items() if v}, chat=chat)
-    model = MMComposeForCausalLM.from_pretrained(model_dir, device=device).fold_for_inference()
-    eos = [i for i in {processor.tokenizer.eos_token_id, *model._default_eos()} if i is not None]
-    ids = model.generate(
-        **batch,
+    g = generate_from_folder(
+        model_dir,
+        prompt,
+        {"image": image, "audio": audio, "video": video, "point": point},
         max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature or 1.0,
+        temperature=temperature,
         top_p=top_p,
-        eos_token_id=eos,
-        pad_token_id=processor.tokenizer.pad_token_id,
         seed=seed,
+        chat=chat,
+        device=device,
     )
-    pad = processor.tokenizer.pad_token_id
-    tokens = [t for t in ids[0].tolist() if t != pad]
-    text = processor.decode(tokens).strip()
     if as_json:
-        out.print_json(json.dumps({"text": text, "tokens": tokens}))
+        out.print_json(json.dumps({"text": g.text, "tokens": g.tokens}))
     else:
-        out.print(text, markup=False, highlight=False)
+        out.print(g.text, markup=False, highlight=False)
 
 
 @app.command()
@@ -175,9 +165,9 @@ def quickstart(
         t.add_row(row.name, *(format_cell(row, c) for c in r.columns))
     out.print(t)
     out.print("log-likelihood accuracy; generation accuracy in brackets")
-    for claim, ok, detail in r.claims:
-        mark = "[green]holds[/]" if ok else "[red]does not hold[/]"
-        out.print(f"{mark}: {escape(claim)} ({escape(detail)})")
+    for c in r.claims:
+        colour = "green" if c.significant else "yellow" if c.ok else "red"
+        out.print(f"[{colour}]{escape(c.verdict)}[/]: {escape(c.claim)} ({escape(c.evidence)})")
     out.print(f"total {r.timings['total']:.0f} s; report: {r.out_dir / 'report.md'}")
 
 
@@ -193,30 +183,10 @@ def assets_prepare(
     force: Annotated[bool, typer.Option(help="Rebuild even if prepared.")] = False,
 ) -> None:
     """Prepare offline assets in the cache (installs nothing; names what is missing)."""
-    from mmcompose.assets import prepare_base_llm
-    from mmcompose.assets.datasets import DATASETS, prepare_datasets
-    from mmcompose.assets.encoders import prepare_efficientnet_lite0, prepare_whisper_tiny_en
-    from mmcompose.assets.point_encoder import prepare_pointnet_meshes
-    from mmcompose.errors import UnknownNameError
+    from mmcompose.assets.prepare import prepare_assets
 
-    preparers = (
-        {
-            "base_llm": lambda: prepare_base_llm(force=force),
-            "efficientnet_lite0": lambda: prepare_efficientnet_lite0(force=force),
-            "whisper_tiny_en": lambda: prepare_whisper_tiny_en(force=force),
-        }
-        | {name: (lambda n=name: prepare_datasets(only=[n], force=force)[n]) for name in DATASETS}
-        # Trained here on the meshes dataset (about 2 minutes), so after the datasets.
-        | {"pointnet_meshes": lambda: prepare_pointnet_meshes(force=force)}
-    )
-    names = only or list(preparers)
-    for name in names:
-        if name not in preparers:
-            raise UnknownNameError(
-                f"unknown asset {name!r}", hint=f"choose from {', '.join(preparers)}"
-            )
-    for name in names:
-        out.print(f"{name}: {preparers[name]()}")
+    for name, result in prepare_assets(only, force=force):
+        out.print(f"{name}: {result}")
 
 
 bench_app = typer.Typer(help="Benchmarks: build evaluation sets.", no_args_is_help=True)
@@ -282,7 +252,9 @@ def compose(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; write nothing.")
     ] = False,
-    device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu or cuda.")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="Where the arithmetic runs: cpu, cuda, cuda:N or mps.")
+    ] = "cpu",
     force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     allow_nonfinite: Annotated[
         bool, typer.Option(help="Warn instead of failing on NaN/Inf in an input.")
@@ -324,67 +296,23 @@ def compose(
     ] = None,
 ) -> None:
     """Compose single-modality MLLMs (NaiveMC, DAMC) or merge LLMs, streamed shard by shard."""
-    from mmcompose.compose import run_from_yaml
-    from mmcompose.errors import ConfigError
+    from mmcompose.compose.command import run_compose
 
-    if search is None:
-        given = [
-            f
-            for f, v in (
-                ("--search-answers", search_answers),
-                ("--grid", grid),
-                ("--search-passes", search_passes),
-            )
-            if v
-        ]
-        if given:
-            raise ConfigError(f"{', '.join(given)} needs --search VAL.json")
-        result = run_from_yaml(
-            config,
-            out_dir,
-            dry_run=dry_run,
-            device=device,
-            force=force,
-            allow_nonfinite=allow_nonfinite,
-        )
-        out.print(result.summary(), markup=False, highlight=False)
-        return
-    if dry_run:
-        raise ConfigError(
-            "--dry-run cannot be combined with --search (the search scores real models)",
-            hint="run --dry-run alone to check the plan",
-        )
-    from mmcompose.compose.search import (
-        DEFAULT_GRID,
-        MAX_PASSES,
-        SEARCH_DIR,
-        compose_with_search,
-    )
-
-    found, composed = compose_with_search(
+    result = run_compose(
         config,
         out_dir,
-        search,
-        search_answers,
-        force=force,
+        dry_run=dry_run,
         device=device,
+        force=force,
         allow_nonfinite=allow_nonfinite,
-        grid=DEFAULT_GRID if grid is None else grid,
-        method=search_method,
-        mode=search_mode,
-        max_passes=MAX_PASSES if search_passes is None else search_passes,
+        search=search,
+        search_answers=search_answers,
+        grid=grid,
+        search_mode=search_mode,
+        search_method=search_method,
+        search_passes=search_passes,
     )
-    names = found.source_names()
-    best = ", ".join(f"{n}={w:g}" for n, w in zip(names, found.best_weights, strict=True))
-    evaluated = sum(not c.cached for c in found.candidates)
-    out.print(
-        f"search ({found.method}, {found.metric}): best {best} -> {found.best_accuracy:.4g} "
-        f"after {evaluated} candidates in {found.seconds:.1f} s; "
-        f"report in {out_dir / SEARCH_DIR}",
-        markup=False,
-        highlight=False,
-    )
-    out.print(composed.summary(), markup=False, highlight=False)
+    out.print(result.summary(), markup=False, highlight=False)
 
 
 @app.command()
@@ -432,12 +360,15 @@ def index(
     split: Annotated[str | None, typer.Option(help="Only this manifest split.")] = None,
     backend: Annotated[str, typer.Option(help="faiss, lancedb or milvus.")] = "faiss",
     kind: Annotated[str, typer.Option("--index", help="flat, hnsw or ivfpq.")] = "flat",
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing store (once the new one is complete).")
+    ] = False,
 ) -> None:
     """Embed a manifest once (frozen encoder + one connector pass) into a vector store."""
     from mmcompose.retrieval.service import index_manifest
 
     n = index_manifest(
-        model, data, store, gallery=gallery, split=split, backend=backend, index=kind
+        model, data, store, gallery=gallery, split=split, backend=backend, index=kind, force=force
     )
     out.print(f"stored {n} vectors in {store}")
 
@@ -452,14 +383,10 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Search a store with one query: frozen encoder, one connector pass, one index search."""
-    from mmcompose.errors import ConfigError
+    from mmcompose.retrieval.service import one_query
     from mmcompose.retrieval.service import search as run_search
 
-    given = {m: v for m, v in (("text", text), ("image", image), ("audio", audio)) if v is not None}
-    if len(given) != 1:
-        raise ConfigError("give exactly one of --text, --image, --audio")
-    ((modality, query),) = given.items()
-    hits = run_search(store, modality, str(query), k)
+    hits = run_search(store, *one_query(text=text, image=image, audio=audio), k)
     if as_json:
         out.print_json(json.dumps([h.__dict__ for h in hits]))
         return
@@ -511,114 +438,55 @@ def evaluate(
 
     Under torchrun each process scores a strided shard of the items and rank 0 writes the
     one results file: torchrun --nproc_per_node N -m mmcompose eval ..."""
-    from mmcompose.bench import mcub
-    from mmcompose.bench.classify import ClassifyResult, classify, read_manifest, readable_rows
-    from mmcompose.bench.distributed import data_parallel
-    from mmcompose.bench.results import task_block, write_results
-    from mmcompose.errors import ConfigError
-    from mmcompose.model import MMComposeForCausalLM, MMProcessor
+    from mmcompose.bench.evaluate import run_eval
 
-    if task not in ("classify", "mcub"):
-        raise ConfigError(f"unknown task {task!r}", hint="tasks: classify, mcub")
-    if data is None:
-        what = "MANIFEST" if task == "classify" else "QUESTIONS.json"
-        raise ConfigError(f"--data {what} is required for --task {task}")
-    modes = ("generate", "loglikelihood") if mode == "both" else (mode,)
-    if any(m not in ("generate", "loglikelihood") for m in modes):
-        raise ConfigError(f"unknown mode {mode!r}", hint="use generate, loglikelihood or both")
-    if task == "classify":
-        rows = read_manifest(data, split)[:limit]
-        # The label set is the whole dataset's (closed-set), whatever the split or --limit.
-        labels = sorted({r["label"] for r in read_manifest(data, None)})
-    else:
-        items = mcub.load_mcub(data, answers)
-        if modalities:
-            keep = [m.strip() for m in modalities.split(",") if m.strip()]
-            items = mcub.restrict_modalities(items, keep)
-        items = items[:limit]
-        if not any(it.answer for it in items):
-            raise ConfigError(
-                f"{data} holds no gold answers", hint="pass the answers file: --answers FILE"
-            )
-    model = MMComposeForCausalLM.from_pretrained(model_dir).fold_for_inference()
-    processor = MMProcessor.from_pretrained(model_dir)
-    with data_parallel() as dp:
-        if task == "classify":
-            rows, skipped = readable_rows(processor, rows, on_corrupt, warn=dp.main)
-            mine = dp.take(rows)  # labels from all rows, so every rank scores the same set
-            parts = dp.run(
-                lambda: (
-                    classify(
-                        model,
-                        processor,
-                        mine,
-                        labels=labels,
-                        modes=modes,
-                        max_new_tokens=max_new_tokens,
-                        progress=dp.main,
-                    )
-                    if mine
-                    else None
-                )
-            )
-            r = ClassifyResult.merge([p for p in parts if p is not None])
-            name, n, correct, samples = f"classify_{r.modality}", r.n, r.correct, r.samples
-            extra = {"labels": str(len(r.labels))}
-            config = {"test_split": split, "labels": r.labels, "output_type": list(modes)}
-            config["skipped_unreadable"] = sorted(skipped)
-        else:
-            mcub.check_inputs(items, model.modalities)  # all ranks, all items: fail together
-            kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
-            parts = dp.run(
-                lambda: mcub.evaluate_mcub(
-                    model, processor, dp.take(items), modes, **kwargs, progress=dp.main
-                )
-            )
-            res = mcub.MCUBResult.merge(parts)
-            used = mcub.item_modalities(items)
-            name, n, correct, samples = f"mcub_{'_'.join(used)}", res.n, res.correct, res.samples
-            extra = {"modalities": ",".join(used)}
-            output_type = {"generate": "generate_until", "loglikelihood": "multiple_choice"}
-            config = {
-                "answers_path": str(answers) if answers else None,
-                "modalities": used,
-                "output_type": [output_type[m] for m in modes],
-                "generation_kwargs": {"max_new_tokens": max_new_tokens, "do_sample": False},
-                "metric_list": list(correct),
-            }
-    if not dp.main:
-        return
-    block = task_block(correct, name)
-    t = Table("task", "n", *extra, *correct, title=str(model_dir))
-    t.add_row(
-        name,
-        str(n),
-        *extra.values(),
-        *[f"{block[k]:.3f} ± {block[k.replace(',', '_stderr,')]:.3f}" for k in correct],
+    r = run_eval(
+        model_dir,
+        task,
+        data,
+        answers=answers,
+        split=split,
+        modalities=modalities,
+        mode=mode,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        out_dir=out_dir,
+        log_samples=log_samples,
+        limit=limit,
+        on_corrupt=on_corrupt,
     )
+    if not r.main:  # another rank of a torchrun job: rank 0 reports
+        return
+    t = Table(*r.columns, title=str(model_dir))
+    t.add_row(*r.row())
     out.print(t)
-    if out_dir is not None:
-        path = write_results(
-            out_dir,
-            {name: block},
-            {name: {"task": name, "dataset_path": str(data), "num_fewshot": 0, **config}},
-            {name: n},
-            {
-                "model": "mmcompose",
-                "model_args": f"pretrained={model_dir}",
-                "device": "cpu",
-                "world_size": dp.world,
-            },
-            {name: samples} if log_samples else None,
-        )
-        out.print(f"results: {path}")
+    if r.results_path is not None:
+        out.print(f"results: {r.results_path}")
 
 
-def _n(x: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if x >= div:
-            return f"{x / div:.2f}{unit}"
-    return str(x)
+@app.command()
+def check(
+    model_dir: ModelDir,
+    against: Annotated[
+        Path, typer.Option(help="The source folder (llava-hf, HF LLM or mmcompose).")
+    ],
+    prompt: Annotated[str | None, typer.Option(help="Prompt (<image> for the image).")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image file for both models.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens compared.")] = 8,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = True,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
+) -> None:
+    """Check that a model computes what its source computes when run by its own library
+    (max logit difference, greedy tokens); exit 1 if they differ beyond float rounding."""
+    from mmcompose.compose.check import check_against
+
+    r = check_against(model_dir, against, prompt, image, max_new_tokens=max_new_tokens,
+                      chat=chat, dtype=dtype, device=device)  # fmt: skip
+    for line in r.lines():
+        out.print(line, markup=False, highlight=False)
+    if not r.faithful:
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

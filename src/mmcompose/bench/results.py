@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcompose import __version__
-from mmcompose.fs import atomic_file, write_json_atomic
+from mmcompose.fs import atomic_file, check_creatable, write_json_atomic
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -34,6 +34,12 @@ def task_block(metrics: Mapping[str, Sequence[float]], alias: str) -> dict[str, 
         out[key] = m
         out[f"{name}_stderr,{filt}"] = se
     return out
+
+
+def check_results_dir(out_dir: str | Path) -> None:
+    """Fail before an evaluation if its results could not be written to ``out_dir``: an
+    existing folder gains new timestamped files; a file in the way or no permission fails."""
+    check_creatable(Path(out_dir) / "results_<time>.json")
 
 
 def write_results(

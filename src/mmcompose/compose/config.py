@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -38,7 +37,7 @@ from pydantic import (
 
 from mmcompose.compose.methods import MERGE_METHODS, BoundMerge, MergeMethod
 from mmcompose.errors import ConfigError
-from mmcompose.io import parse_size
+from mmcompose.io import load_yaml, parse_size
 from mmcompose.modalities import canonical_modality
 
 __all__ = [
@@ -298,14 +297,7 @@ def parse_compose_config(data: Any, base_dir: str | Path | None = None) -> Compo
 def load_compose_config(path: str | Path) -> ComposeConfig:
     """Read and validate a compose YAML file; relative paths are taken from its folder."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read compose config {path}: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    data = load_yaml(path, "compose config")
     try:
         return parse_compose_config(data, path.resolve().parent)
     except ConfigError as e:

@@ -39,10 +39,12 @@ from mmcompose.compose.plan import (
     plan_composition,
 )
 from mmcompose.compose.sources import Source
-from mmcompose.errors import ConfigError, MergeError
-from mmcompose.fs import atomic_dir
+from mmcompose.devices import resolve_device
+from mmcompose.errors import MergeError
+from mmcompose.fs import atomic_dir, refuse_existing
 from mmcompose.io import SAFE_INDEX, plan_shards, shard_names
 from mmcompose.model.config import CONFIG_NAME, PROCESSOR_CONFIG, TEXT_ADAPTER
+from mmcompose.model.modeling import all_finite
 
 REPORT_NAME = "composition_report.json"
 _RELEASE_BYTES = 1 << 30  # input pages kept mapped before the files are reopened
@@ -103,15 +105,6 @@ def identity_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------- reading inputs
-
-
-def all_finite(t: Tensor) -> bool:
-    """NaN/Inf check at the cost of one reduction: min and max propagate NaN and show +-Inf,
-    which is ~40x cheaper than ``isfinite(t).all()`` (a full boolean tensor) on large weights."""
-    if not t.dtype.is_floating_point or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 class _Reader:
@@ -357,13 +350,6 @@ class ComposeResult:
         return "\n".join([self.plan.summary(), *warns, tail])
 
 
-def _device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
-    return dev
-
-
 def _execute(plan: Plan, folder: Path, dev: torch.device, allow_nonfinite: bool, progress: bool):
     rd = _Reader(plan, dev, allow_nonfinite)
     meta = {"format": "pt"} | ({"mmcompose": "1"} if plan.output_format == "mmcompose" else {})
@@ -405,7 +391,9 @@ def compose(
         config = load_compose_config(config)
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    dev = _device(device)
+    dev = resolve_device(device)
+    if not dry_run:
+        refuse_existing(out_dir, force)  # a bad -o fails before the sources are opened
     inputs = open_inputs(config)
     try:
         plan = plan_composition(config, inputs)

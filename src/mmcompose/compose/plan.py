@@ -39,7 +39,8 @@ from mmcompose.compose.config import (
 )
 from mmcompose.compose.methods import BoundMerge
 from mmcompose.compose.sources import Source, open_source
-from mmcompose.errors import MergeError
+from mmcompose.errors import CheckpointError, MergeError
+from mmcompose.io import load_json
 from mmcompose.model.config import TEXT_ADAPTER, AdapterSpec, LoRAConfig, MMConfig, TowerConfig
 
 log = logging.getLogger(__name__)
@@ -375,13 +376,15 @@ class _Planner:
         self.plan_llm()
         self.plan_towers()
         self.plan_others()
+        output_config = self.output_mmconfig()
+        self.check_shapes(output_config)
         tok_dir, use_chat = self.tokenizer()
         return Plan(
             config=self.config,
             sources=self.sources,
             labels=[self.describe(i) for i in range(len(self.sources))],
             mode=self.mode,
-            output_config=self.output_mmconfig(),
+            output_config=output_config,
             output_format=self.output_format,
             steps=self.steps,
             outputs=self.outputs,
@@ -739,6 +742,24 @@ class _Planner:
                     for n in factors.values():
                         self.drop(i, n, "adapters of the base model are not used")
 
+    def check_shapes(self, config: MMConfig) -> None:
+        """Every output tensor has the shape the output config.json implies, so the written
+        folder loads: a source whose config.json contradicts its weights (a tower's width, an
+        LLM size) is named now, before any tensor is read, not by a later load."""
+        from mmcompose.model.modeling import expected_shapes
+
+        expected = expected_shapes(config)
+        for o in self.outputs:
+            want = expected.get(o.name if self.output_format == "mmcompose" else LLM + o.name)
+            if want is not None and want != o.shape:
+                who = ", ".join(self.label(i) for i in o.sources)
+                raise CheckpointError(
+                    f"{who}: tensor {o.name} has shape {list(o.shape)}, which does not match its "
+                    f"config.json (it implies {list(want)})",
+                    hint="the source's config.json was edited or belongs to other weights; "
+                    "restore the original",
+                )
+
     # -- output config and tokenizer
     def output_mmconfig(self) -> MMConfig:
         ref = self.sources[self.base_idx if self.base_idx is not None else 0].config
@@ -787,7 +808,7 @@ class _Planner:
         pc = path / "processor_config.json"
         use_chat, self.system_prompt = True, None
         if pc.is_file():
-            data = json.loads(pc.read_text())
+            data = load_json(pc, "processor config", error=CheckpointError)
             use_chat = bool(data.get("use_chat_template", True))
             self.system_prompt = data.get("system_prompt")
         return path, use_chat

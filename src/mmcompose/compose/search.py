@@ -423,6 +423,7 @@ class InMemoryComposition:
 
         from mmcompose.compose.executor import compose
         from mmcompose.compose.plan import ConcatAdapter, MergeWeights, open_inputs
+        from mmcompose.devices import resolve_device
         from mmcompose.model.config import TEXT_ADAPTER
         from mmcompose.model.lora import lora_layers
         from mmcompose.model.modeling import MMComposeForCausalLM
@@ -453,7 +454,7 @@ class InMemoryComposition:
         tmp_plan = compose(_search_config(config, start), folder, progress=progress).plan
         if not any(isinstance(s, ConcatAdapter) for s in tmp_plan.steps):
             raise MergeError("internal: the search composition holds no concatenated adapter")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = MMComposeForCausalLM.from_pretrained(folder, device=self.device)
         self.processor = MMProcessor.from_pretrained(folder)
         compute = getattr(torch, config.dtype) if config.dtype else None

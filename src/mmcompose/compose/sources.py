@@ -11,15 +11,14 @@ the folder.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import Tensor
 
 from mmcompose.errors import CheckpointError
-from mmcompose.io import weight_files
+from mmcompose.io import load_json, open_safetensors, weight_files
 from mmcompose.model.config import CONFIG_NAME, SUPPORTED_LLM_TYPES, MMConfig
 from mmcompose.registry import Registry
 
@@ -62,12 +61,7 @@ class Source:
     def _handle(self, file: Path):
         h = self._handles.get(file)
         if h is None:
-            try:
-                h = safe_open(str(file), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(
-                    f"cannot read {file}: {e}", hint="the file is truncated or not safetensors"
-                ) from None
+            h = open_safetensors(file)
             self._handles[file] = h
         return h
 
@@ -117,10 +111,13 @@ def register_importer(name: str, detect: Detector) -> Callable[[Opener], Opener]
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    """A source's JSON object (config.json, an index, a PEFT config), failing clearly."""
+    return load_json(
+        path,
+        "source file",
+        error=CheckpointError,
+        hint="the source folder is damaged; restore the file from where the model came from",
+    )
 
 
 def open_source(path: str | Path, importer: str | None = None, **options: object) -> Source:

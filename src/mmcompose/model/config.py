@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmcompose.errors import CheckpointError, ConfigError
+from mmcompose.io import load_json
 from mmcompose.modalities import canonical_modality
 
 CONFIG_NAME = "config.json"
@@ -146,7 +147,11 @@ class MMConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(f"invalid {source}: {_brief(e)}") from None
+            raise ConfigError(
+                f"invalid {source}: {_brief(e)}",
+                hint="an mmcompose config.json holds text_config, towers, lora and dtype; "
+                "restore the file the model was saved with",
+            ) from None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> MMConfig:
@@ -161,10 +166,12 @@ class MMConfig(_Strict):
                 f"{path} has no {CONFIG_NAME}",
                 hint="pass a folder written by mmcompose (save_pretrained, compose or train)",
             )
-        try:
-            data = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{f} is not valid JSON: {e}") from None
+        data = load_json(
+            f,
+            "model config",
+            error=CheckpointError,
+            hint="config.json is damaged; restore it from where the model came from",
+        )
         if data.get("model_type") != "mmcompose":
             raise CheckpointError(
                 f"{f} describes a {data.get('model_type')!r} model, not an mmcompose model",

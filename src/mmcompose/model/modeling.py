@@ -61,6 +61,16 @@ def build_llm(text_config: Mapping, dtype: torch.dtype = torch.float32) -> PreTr
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
+def expected_shapes(config: MMConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a model built from ``config`` holds; built on the meta
+    device, so it costs no memory and reads no weights, even for a multi-GB model."""
+    from transformers.initialization import no_init_weights
+
+    with torch.device("meta"), no_pretrained_weights(), no_init_weights():
+        model = MMComposeForCausalLM(config)
+    return {k: tuple(t.shape) for k, t in model.state_dict().items()}
+
+
 def all_finite(t: Tensor) -> bool:
     """NaN/Inf check at the cost of one reduction: min and max propagate NaN and show +-Inf,
     which is ~40x cheaper than ``isfinite(t).all()`` (a full boolean tensor) on large weights."""

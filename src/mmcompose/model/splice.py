@@ -57,7 +57,9 @@ def splice(
                 "were given",
                 hint=f"put one <{m}> in the text for each {m} input, in order",
             )
-    text = embed(input_ids.clamp(min=0))  # (B, T, d); sentinel rows are replaced below
+    # (B, T, d); sentinel rows are replaced below. Padding is embedded as id 0: its id may be
+    # a token the model lacks (llava-hf's <pad> after base_vocab_size), and it is masked.
+    text = embed(torch.where(attention_mask.bool(), input_ids, 0).clamp(min=0))
     used = dict.fromkeys(MODALITIES, 0)
     rows: list[tuple[Tensor, Tensor, Tensor | None]] = []
     for b in range(input_ids.shape[0]):

@@ -9,7 +9,6 @@ inference, so training and generation see identical prompt tokens.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcompose.errors import ConfigError, MMComposeError
+from mmcompose.io import load_json
 from mmcompose.modalities import canonical_modality
 from mmcompose.model.processor import MMProcessor
 from mmcompose.model.splice import IGNORE_INDEX
@@ -34,6 +34,12 @@ class DataError(MMComposeError):
     """A training or evaluation data file is malformed."""
 
 
+_FORMAT = (
+    'a JSON list of {"id", "conversations": [{"from": "human", "value": "..."}, '
+    '{"from": "gpt", "value": "..."}], "modal_inputs": {...}}'
+)
+
+
 @dataclass
 class Example:
     id: str
@@ -45,19 +51,17 @@ class Example:
 def load_conversations(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate a conversation JSON list (relative media paths resolve against it)."""
     path = Path(path)
-    try:
-        records = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"data file {path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path} must hold a JSON list of conversation records")
+    records = load_json(path, "data file", expect=list, error=DataError, hint=_FORMAT)
     for i, r in enumerate(records):
         if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
-            raise DataError(f"{path}: record {i} has no 'conversations' list")
-        for turn in r["conversations"]:
-            who = turn.get("from") if isinstance(turn, dict) else turn
+            raise DataError(f"{path}: record {i} has no 'conversations' list", hint=_FORMAT)
+        for t, turn in enumerate(r["conversations"]):
+            if not isinstance(turn, dict):
+                raise DataError(
+                    f"{path}: record {r.get('id', i)} turn {t} is not an object ({turn!r})",
+                    hint=_FORMAT,
+                )
+            who = turn.get("from")
             if not isinstance(who, str) or who not in ROLES:
                 raise DataError(
                     f"{path}: record {r.get('id', i)} has a turn from {who!r}",

@@ -1,0 +1,127 @@
+"""The ``mmcompose compose`` command: its option checks, then a plain composition or a lambda
+search followed by the composition with the best lambdas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mmcompose.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mmcompose.compose.executor import ComposeResult
+    from mmcompose.compose.search import SearchResult
+
+
+@dataclass
+class SearchedComposition:
+    """A lambda search and the composition made with its best weights."""
+
+    found: SearchResult
+    composed: ComposeResult
+
+    def summary(self) -> str:
+        from mmcompose.compose.search import SEARCH_DIR
+
+        f = self.found
+        best = ", ".join(
+            f"{n}={w:g}" for n, w in zip(f.source_names(), f.best_weights, strict=True)
+        )
+        evaluated = sum(not c.cached for c in f.candidates)
+        return (
+            f"search ({f.method}, {f.metric}): best {best} -> {f.best_accuracy:.4g} after "
+            f"{evaluated} candidates in {f.seconds:.1f} s; report in "
+            f"{self.composed.out_dir / SEARCH_DIR}\n{self.composed.summary()}"
+        )
+
+
+def check_search_options(
+    search: Path | None,
+    *,
+    dry_run: bool = False,
+    search_answers: Path | None = None,
+    grid: str | None = None,
+    search_passes: int | None = None,
+) -> None:
+    """Search options only make sense with ``--search``, and a search cannot be a dry run."""
+    if search is None:
+        given = [
+            flag
+            for flag, v in (
+                ("--search-answers", search_answers),
+                ("--grid", grid),
+                ("--search-passes", search_passes),
+            )
+            if v is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} needs --search VAL.json",
+                hint="add --search with MCUB-format validation questions, or drop "
+                + ", ".join(given),
+            )
+    elif dry_run:
+        raise ConfigError(
+            "--dry-run cannot be combined with --search (the search scores real models)",
+            hint="run --dry-run alone to check the plan",
+        )
+
+
+def run_compose(
+    config: Path,
+    out_dir: Path,
+    *,
+    dry_run: bool = False,
+    device: str = "cpu",
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    search: Path | None = None,
+    search_answers: Path | None = None,
+    grid: str | None = None,
+    search_mode: str = "loglikelihood",
+    search_method: str = "coordinate",
+    search_passes: int | None = None,
+) -> ComposeResult | SearchedComposition:
+    """Check the options (device included) before any work, then compose, searching the
+    lambdas first when ``search`` names validation questions."""
+    from mmcompose.devices import resolve_device
+
+    check_search_options(
+        search,
+        dry_run=dry_run,
+        search_answers=search_answers,
+        grid=grid,
+        search_passes=search_passes,
+    )
+    resolve_device(device)
+    if search is None:
+        from mmcompose.compose.executor import run_from_yaml
+
+        return run_from_yaml(
+            config,
+            out_dir,
+            dry_run=dry_run,
+            device=device,
+            force=force,
+            allow_nonfinite=allow_nonfinite,
+        )
+    from mmcompose.compose.search import DEFAULT_GRID, MAX_PASSES, compose_with_search
+
+    found, composed = compose_with_search(
+        config,
+        out_dir,
+        search,
+        search_answers,
+        force=force,
+        device=device,
+        allow_nonfinite=allow_nonfinite,
+        grid=DEFAULT_GRID if grid is None else grid,
+        method=search_method,
+        mode=search_mode,
+        max_passes=MAX_PASSES if search_passes is None else search_passes,
+    )
+    return SearchedComposition(found, composed)
+
+
+__all__ = ["SearchedComposition", "check_search_options", "run_compose"]
