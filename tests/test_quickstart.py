@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -22,12 +23,24 @@ from mmcompose.quickstart import (
     render_markdown,
     train_config,
 )
-from mmcompose.report import check_claims, render_chart
+from mmcompose.report import N_BOOT, check_claims, render_chart
 
 COLS = [*(f"{m} (test)" for m in MODALITIES), "mini-MCUB IAP"]
 
 
-def _rows(naive: float, damc: float, keep: float) -> list[Row]:
+N_ITEMS = 200  # per column: DAMC 95% vs NaiveMC 90% is 10 discordant items, McNemar p = 0.002
+
+
+def _items(score: float | None) -> list[float] | None:
+    """Nested 0/1 vectors (the first round(score * n) items right), so a better model is
+    right wherever a worse one is: discordant items all favour it."""
+    if score is None:
+        return None
+    k = round(score * N_ITEMS)
+    return [1.0] * k + [0.0] * (N_ITEMS - k)
+
+
+def _rows(naive: float, damc: float, keep: float, per_item: bool = True) -> list[Row]:
     rows = []
     for s in ("shared", "decoupled"):
         for i, m in enumerate(MODALITIES):
@@ -38,6 +51,9 @@ def _rows(naive: float, damc: float, keep: float) -> list[Row]:
     for name, mcub in (("NaiveMC", naive), ("DAMC", damc)):
         scores = {c: 0.8 * keep for c in COLS[:-1]} | {COLS[-1]: mcub}
         rows.append(Row(name, "composed", scores))
+    for r in rows:
+        if per_item:
+            r.correct = {c: v for c, v in ((c, _items(x)) for c, x in r.scores.items()) if v}
     return rows
 
 
@@ -51,8 +67,8 @@ def _rows(naive: float, damc: float, keep: float) -> list[Row]:
 )
 def test_claims_follow_the_numbers(naive, damc, keep, expected):
     claims = check_claims(_rows(naive, damc, keep), COLS, MODALITIES)
-    assert [ok for _, ok, _ in claims] == expected
-    assert "vs best single point-" in claims[0][2]  # the best single model on MCUB is named
+    assert [c.ok for c in claims] == expected
+    assert "vs best single point-" in claims[0].detail  # the best single model on MCUB is named
 
 
 def test_report_and_chart(tmp_path):
@@ -65,6 +81,49 @@ def test_report_and_chart(tmp_path):
     assert md.count("holds:") == 5
     render_chart(report, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_claims_hold_only_where_the_paired_test_says_so():
+    from mmcompose.bench.stats import mcnemar_exact
+
+    clear = check_claims(_rows(0.9, 0.95, 1.0), COLS, MODALITIES)
+    assert [c.verdict for c in clear] == ["holds"] * 5 and all(c.significant for c in clear)
+    # DAMC vs NaiveMC: 190 vs 180 nested items = 10 discordant, all DAMC's: p = 2 / 2**10
+    assert clear[2].p == 2 * 0.5**10 == mcnemar_exact(_items(0.95), _items(0.9)).p
+    # beating every single model: the largest p over them (the best single's here)
+    assert clear[0].p == mcnemar_exact(_items(0.9), _items(0.7)).p
+
+    # right direction, too few discordant items: within noise, with the p-value
+    close = check_claims(_rows(0.72, 0.725, 0.96), COLS, MODALITIES)
+    assert [c.ok for c in close] == [True] * 5 and not any(c.significant for c in close)
+    assert close[0].verdict == "holds within noise (p = 0.12)"  # 144 vs 140: 4 items, p = 1/8
+    assert close[2].verdict == "holds within noise (p = 1)"  # one discordant item
+    assert close[3].p is not None and close[3].p > 0.05  # 96% kept: not clearly above 95%
+    assert "image 96% [" in close[3].detail
+
+    wrong = check_claims(_rows(0.6, 0.65, 0.9), COLS, MODALITIES)
+    assert wrong[0].verdict == "does not hold" and wrong[0].p is not None
+    untested = check_claims(_rows(0.9, 0.95, 1.0, per_item=False), COLS, MODALITIES)
+    assert {c.verdict for c in untested} == {"untested (no per-item results)"}
+    assert all(c.p is None for c in untested)
+
+    report = QuickstartReport(Path("unused"), _rows(0.72, 0.725, 0.96), {}, columns=COLS)
+    report.claims = close
+    md = render_markdown(report)
+    assert "- holds within noise (p = 1): DAMC >= NaiveMC on mini-MCUB (72.5 vs 72.0; " in md
+    assert "exact McNemar p = 1)" in md
+
+
+def test_cli_prints_each_claim_with_its_p_value(run, tmp_path, monkeypatch):
+    report = QuickstartReport(tmp_path, _rows(0.72, 0.95, 1.0), {"total": 1.0}, columns=COLS)
+    report.claims = check_claims(report.rows, COLS, MODALITIES)
+    monkeypatch.setattr(qs, "run_quickstart", lambda *a, **k: report)
+    r = run("quickstart", "-o", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert "holds within noise (p = 0.12): NaiveMC beats every single-modality model" in out
+    assert "holds: DAMC beats every single-modality model on mini-MCUB" in out
+    assert "exact McNemar vs each single model, largest p = 1.8e-15" in out  # 2 / 2**50
 
 
 def test_subset_is_deterministic_and_spread():
@@ -137,14 +196,16 @@ def test_stage_list_is_wired_to_the_stage_functions():
     assert dict(seen)["evaluation"] == ("assets", "benchmark", "singles", "composed")
 
 
-def _stand_in_tasks(calls: list):
-    """Tasks with the quickstart's columns whose run records its call instead of scoring."""
+def _stand_in_tasks(calls: list, block: dict | None = None):
+    """Tasks with the quickstart's columns whose run records its call instead of scoring and
+    returns ``block`` (default: counts only)."""
+    block = block or {"acc,loglikelihood": 0.5, "acc_stderr,loglikelihood": 0.1, "n": 4}
 
     def tasks(_manifests, _mcub, _budget, modalities):
         def run_for(name: str):
             def run(model, _proc, mods, _progress):
                 calls.append((model, name, tuple(mods)))
-                return {"acc,loglikelihood": 0.5, "acc_stderr,loglikelihood": 0.1, "n": 4}
+                return dict(block)
 
             return run
 
@@ -155,11 +216,8 @@ def _stand_in_tasks(calls: list):
     return tasks
 
 
-def test_evaluate_caches_each_cell_under_its_model(tmp_path, monkeypatch):
-    calls, loads, logs = [], [], []
-    monkeypatch.setattr(qs, "_tasks", _stand_in_tasks(calls))
-    monkeypatch.setattr(qs, "_load", lambda path: (loads.append(path.name) or path.name, None))
-    job = qs.Job(tmp_path / "out", Budget(), Cache(tmp_path / "cache"), "0", log=logs.append)
+def _stand_in_models(tmp_path) -> tuple[dict, dict]:
+    """The six single models and two compositions, by name, with made-up keys."""
     singles = {
         f"{m}-{s}": qs.Model(f"{m}-{s}", "single", tmp_path / f"{m}-{s}", f"k-{m}-{s}", (m,))
         for m in MODALITIES
@@ -168,6 +226,15 @@ def test_evaluate_caches_each_cell_under_its_model(tmp_path, monkeypatch):
     composed = {
         n: qs.Model(n, "composed", tmp_path / n, f"k-{n}", MODALITIES) for n in ("NaiveMC", "DAMC")
     }
+    return singles, composed
+
+
+def test_evaluate_caches_each_cell_under_its_model(tmp_path, monkeypatch):
+    calls, loads, logs = [], [], []
+    monkeypatch.setattr(qs, "_tasks", _stand_in_tasks(calls))
+    monkeypatch.setattr(qs, "_load", lambda path: (loads.append(path.name) or path.name, None))
+    job = qs.Job(tmp_path / "out", Budget(), Cache(tmp_path / "cache"), "0", log=logs.append)
+    singles, composed = _stand_in_models(tmp_path)
     assets = qs.Assets({}, {})
     bench = qs.Benchmark(*[(tmp_path / "q.json", tmp_path / "a.json")] * 3)
 
@@ -204,6 +271,36 @@ def test_evaluate_caches_each_cell_under_its_model(tmp_path, monkeypatch):
     assert doc["columns"] == COLS and len(doc["claims"]) == 5
     assert (tmp_path / "out" / "lambda_search" / "search.md").read_text() == "lambdas\n"
     assert (tmp_path / "out" / "results" / "NaiveMC").is_dir()
+
+
+def test_evaluate_keeps_per_item_results_and_rescores_entries_without_them(tmp_path, monkeypatch):
+    calls: list = []
+    v = [1.0, 0.0, 1.0, 1.0]
+    block = {"acc,loglikelihood": 0.75, "n": 4, "per_item": {"acc,loglikelihood": v}}
+    monkeypatch.setattr(qs, "_tasks", _stand_in_tasks(calls, block))
+    monkeypatch.setattr(qs, "_load", lambda path: (path.name, None))
+    job = qs.Job(tmp_path / "out", Budget(), Cache(tmp_path / "cache"), "0", log=lambda _: None)
+    singles, composed = _stand_in_models(tmp_path)
+    # an entry from before per-item results were kept: counts only
+    old = job.cache.path("evals", "k-DAMC", qs.eval_key(["mcub"], MODALITIES), ".json")
+    write_json_atomic(old, {"acc,loglikelihood": 0.5, "n": 4})
+    args = (job, qs.Assets({}, {}), qs.Benchmark(*[(tmp_path / "q.json",) * 2] * 3))
+
+    ev = qs.evaluate(*args, singles, composed)
+    assert ("DAMC", "mcub", MODALITIES) in calls and len(calls) == 6 * 2 + 2 * 4  # rescored
+    assert json.loads(old.read_text())["per_item"] == {"acc,loglikelihood": [1.0, 0.0, 1.0, 1.0]}
+    damc = ev.rows[-1]
+    assert damc.scores[COLS[-1]] == 0.75 and damc.correct[COLS[-1]] == [1.0, 0.0, 1.0, 1.0]
+    assert set(ev.rows[0].correct) == {COLS[0], COLS[-1]}  # image-shared: its cells only
+    claims = check_claims(ev.rows, ev.columns, MODALITIES)
+    # every model right on the same items: no evidence of an ordering; 100% retained in every
+    # bootstrap replicate but those that draw only the wrong item (no ratio: (1/4)^4 of them)
+    assert [c.p for c in claims[:3]] == [1.0] * 3
+    assert all(c.significant and c.p > 1 / (N_BOOT + 1) for c in claims[3:])
+
+    calls.clear()
+    again = qs.evaluate(*args, singles, composed)
+    assert calls == [] and [r.correct for r in again.rows] == [r.correct for r in ev.rows]
 
 
 def test_benchmark_stage_builds_each_split_once_and_cuts_the_search_set(tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ The job is six stages (:func:`stages`), each a function of the job and earlier o
    with lambdas searched on the validation set).
 5. ``evaluate``: every single-modality model and both compositions on each modality's test
    split and on mini-MCUB.
-6. ``report``: one table, the paper's claims on it, and the report folder (markdown, results
+6. ``report``: one table, the paper's claims on it (each with its paired test on the same
+   items, :mod:`mmcompose.bench.stats`), and the report folder (markdown, results
    JSON in lm-evaluation-harness's layout, PNG chart; :mod:`mmcompose.report`).
 
 Everything expensive is a :class:`mmcompose.pipeline.Cache` entry under
@@ -266,15 +267,16 @@ def run_quickstart(
     """Run the whole job; returns the table and writes the report folder at ``out_dir``."""
     import mmcompose
     from mmcompose.assets.cache import cache_dir
-    from mmcompose.fs import refuse_existing
+    from mmcompose.fs import exclusive, refuse_existing
 
     out_dir = Path(out_dir)
     refuse_existing(out_dir, force)
     cache = Cache(cache_dir() / "quickstart", log=log)
     job = Job(out_dir, budget, cache, mmcompose.__version__, progress=progress, log=log)
-    outputs = run_stages(
-        stages(job.modalities), job, timings=job.timings, log=log, tag="quickstart"
-    )
+    with exclusive(cache.root, what="quickstart cache"):  # a second quickstart is refused
+        outputs = run_stages(
+            stages(job.modalities), job, timings=job.timings, log=log, tag="quickstart"
+        )
     return outputs["report"]
 
 
@@ -388,15 +390,12 @@ def evaluate(
                 if task.modality is not None and task.modality not in model.modalities:
                     row.scores[col] = None
                     continue
-                block = job.cache.json(
-                    "evals",
-                    model.key,
-                    eval_key(task.key, model.modalities),
-                    partial(_run_task, task, loaded, model.modalities, job.progress),
-                )
+                block = _evaluation(job, model, task, loaded)
                 results[model.name][task.name] = block
                 row.scores[col] = block[task.metric]
                 row.stderr[col] = block.get(task.metric.replace(",", "_stderr,"))
+                if task.metric in block["per_item"]:
+                    row.correct[col] = block["per_item"][task.metric]
                 if job.budget.generate and "acc,generate" in block:
                     row.scores[f"{col} gen"] = block["acc,generate"]
             rows.append(row)
@@ -489,10 +488,28 @@ def _load(path: Path):
     return model, MMProcessor.from_pretrained(path)
 
 
+def _evaluation(job: Job, model: Model, task: Task, loaded: Callable[[], tuple]) -> dict:
+    """One cell's metrics block, cached under the model's key. Entries written before the
+    per-item results were kept (no ``per_item``) are scored again and replaced, since the
+    claims' paired tests need them."""
+    key = eval_key(task.key, model.modalities)
+    compute = partial(_run_task, task, loaded, model.modalities, job.progress)
+    block = job.cache.json("evals", model.key, key, compute)
+    if "per_item" not in block:
+        from mmcompose.fs import write_json_atomic
+
+        block = compute()
+        write_json_atomic(job.cache.path("evals", model.key, key, ".json"), block)
+    return block
+
+
 def _run_task(
     task: Task, loaded: Callable[[], tuple], modalities: tuple[str, ...], progress: bool
 ) -> dict:
-    return task.run(*loaded(), modalities, progress)
+    """The task's metrics block, with ``per_item``: metric -> 0/1 per item (empty if the
+    task gives none)."""
+    block = task.run(*loaded(), modalities, progress)
+    return {**block, "per_item": block.get("per_item", {})}
 
 
 def _subset(rows: list, limit: int | None) -> list:
@@ -532,7 +549,7 @@ def _tasks(
 
         def run(model, proc, _mods, progress, test=test, labels=labels, m=m):
             r = classify(model, proc, test, labels=labels, modes=modes, progress=progress)
-            return {**task_block(r.correct, f"classify_{m}"), "n": r.n}
+            return {**task_block(r.correct, f"classify_{m}"), "n": r.n, "per_item": r.correct}
 
         key = ["classify", [r["id"] for r in test], labels, modes]
         tasks.append(Task(f"classify_{m}", m, "acc,loglikelihood", key, run, len(test)))
@@ -542,7 +559,7 @@ def _tasks(
     def run_mcub(model, proc, mods, progress):
         its = restrict_modalities(items, list(mods)) if len(mods) < len(modalities) else items
         r = evaluate_mcub(model, proc, its, ("loglikelihood",), progress=progress)
-        return {**task_block(r.correct, name), "n": r.n}
+        return {**task_block(r.correct, name), "n": r.n, "per_item": r.correct}
 
     key = ["mcub", file_digest(mcub[0]), file_digest(mcub[1]), len(items)]
     tasks.append(Task(name, None, "acc,loglikelihood", key, run_mcub, len(items)))

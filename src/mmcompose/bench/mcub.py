@@ -16,6 +16,7 @@ answers file. Relative media paths resolve against the JSON file's folder.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ from mmcompose.model.modeling import MMComposeForCausalLM, ScoreRequest
 from mmcompose.model.processor import MMProcessor
 from mmcompose.train.data import ROLES, DataError, load_conversations
 
+_log = logging.getLogger(__name__)
 LETTERS = ("A", "B", "C", "D")
 OPTION_RE = re.compile(r"^\s*([A-D])[.):]\s*(.+?)\s*$", re.MULTILINE)
 MODES = ("generate", "loglikelihood")
@@ -79,7 +81,10 @@ def load_mcub(questions: str | Path, answers: str | Path | None = None) -> list[
     """Read an MCUB questions file (and its answers file, matched by id).
 
     Without ``answers`` the gold letters come from the questions file's last turn where it
-    holds one, so a validation file in the answers format works alone."""
+    holds one, so a validation file in the answers format works alone. The answers file may
+    be one shared by several sets (the reference's ``MCUB-answer.json`` holds MCUB-4 and
+    every MCUB-3 subset): answers to other sets' ids are ignored and counted in the log;
+    a question without an answer is an error, and so is an id answered twice differently."""
     records = load_conversations(questions)
     items = [_item(r, questions) for r in records]
     dup = _duplicates(it.id for it in items)
@@ -87,28 +92,39 @@ def load_mcub(questions: str | Path, answers: str | Path | None = None) -> list[
         raise DataError(f"{questions}: duplicate item id(s) {_few(dup)}", hint="ids must be unique")
     if answers is None:
         return items
-    gold_records = load_conversations(answers)
-    gold: dict[str, str | None] = {}
-    for r in gold_records:
-        turns = r["conversations"]
+    asked = {it.id for it in items}
+    gold: dict[str, Any] = {}
+    conflicting: list[str] = []
+    others: set[str] = set()
+    for r in load_conversations(answers):
+        iid, turns = str(r["id"]), r["conversations"]
+        if iid not in asked:
+            others.add(iid)
+            continue
         value = (
             turns[-1].get("value") if turns and ROLES[turns[-1]["from"]] == "assistant" else None
         )
-        gold[str(r["id"])] = value
-    dup = _duplicates(str(r["id"]) for r in gold_records)
+        if iid in gold and gold[iid] != value and iid not in conflicting:
+            conflicting.append(iid)
+        gold[iid] = value
     missing = [it.id for it in items if it.id not in gold]
-    extra = sorted(set(gold) - {it.id for it in items})
-    if dup or missing or extra:
+    if missing or conflicting:
         parts = []
         if missing:
             parts.append(f"{len(missing)} question id(s) have no answer (e.g. {_few(missing)})")
-        if extra:
-            parts.append(f"{len(extra)} answer id(s) are not questions (e.g. {_few(extra)})")
-        if dup:
-            parts.append(f"duplicate answer id(s) {_few(dup)}")
+        if conflicting:
+            parts.append(f"id(s) answered twice, differently: {_few(conflicting)}")
         raise DataError(
             f"{answers} does not match {questions}: " + "; ".join(parts),
-            hint="pass the answers file made for this questions file",
+            hint="pass the answers file made for this questions file, or a shared answers "
+            "file (MCUB-answer.json) that holds every one of its ids once",
+        )
+    if others:
+        _log.warning(
+            "%s: answers to %d id(s) of other sets ignored; %d question(s) answered",
+            answers,
+            len(others),
+            len(items),
         )
     return [replace(it, answer=_gold_letter(gold[it.id], it, answers)) for it in items]
 
@@ -150,7 +166,7 @@ def check_inputs(items: Sequence[MCUBItem], model_modalities: Sequence[str]) -> 
             ),
         )
     missing = [(it.id, p) for it in items for ps in it.modal_inputs.values() for p in ps]
-    missing = [(i, p) for i, p in missing if not Path(p).is_file()]
+    missing = [(i, p) for i, p in missing if not Path(p).exists()]  # a video may be a folder
     if missing:
         shown = "; ".join(f"{p} (item {i})" for i, p in missing[:3])
         raise MediaError(

@@ -288,11 +288,9 @@ class VideoFramesEncoder(Encoder):
 
     @classmethod
     def preprocess(cls, item: Any, params: VideoFramesParams) -> Tensor:
-        frames = np.asarray(item)
-        if frames.ndim != 4 or frames.shape[0] != params.num_frames:
-            raise ConfigError(
-                f"video_frames expects {params.num_frames} frames (T, H, W, 3), got {frames.shape}"
-            )
+        """Frames (T, H, W, 3) of any length, or one image (a one-frame clip), sampled to
+        ``num_frames`` the way :func:`media.load_video` samples a file or frame folder."""
+        frames = media.sample_frames(item, params.num_frames)
         inner = ENCODERS.get(params.frame_encoder.name)
         inner_params = encoder_params(params.frame_encoder)
         from PIL import Image
