@@ -8,6 +8,7 @@ with LAVIS Q-Former names), so a mapping bug shows up as a name, shape or value 
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from mmcompose.errors import CheckpointError, ConfigError
 from mmcompose.model.config import ModuleSpec
 from mmcompose.model.encoders import build_encoder
 from mmcompose.model.modeling import MMComposeForCausalLM
+from mmcompose.testing import assert_algebraically_equal, float64_model
 
 D, LAYERS, VOCAB, D_ENC = 64, 2, 128, 32
 PROJS = {
@@ -289,14 +291,17 @@ def test_llava_hf_layouts_map_and_tower_matches_transformers(tmp_path, llava_hf,
     assert src.config.text_config["hidden_size"] == D  # materialised from the nested config
     model = MMComposeForCausalLM(src.config).eval()
     model.load_weights({k: src.get(k) for k in src})
-    x = torch.randn(2, 3, 32, 32)
+    # Same tower and projector, two implementations: algebraic, so compared in float64.
+    float64_model(model)
+    hf64 = copy.deepcopy(hf).double()
+    x = torch.randn(2, 3, 32, 32).double()
     with torch.no_grad():
         ours = model.embed_modalities(modal_inputs={"image": x})["image"]
-        ref = hf.model.get_image_features(pixel_values=x, vision_feature_layer=-2,
-                                          vision_feature_select_strategy="default")  # fmt: skip
+        ref = hf64.model.get_image_features(pixel_values=x, vision_feature_layer=-2,
+                                            vision_feature_select_strategy="default")  # fmt: skip
     ref = ref.pooler_output if hasattr(ref, "pooler_output") else ref
     ref = torch.stack(list(ref)) if isinstance(ref, (list, tuple)) else ref
-    torch.testing.assert_close(ours, ref.reshape(ours.shape))
+    assert_algebraically_equal(ours, ref.reshape(ours.shape))  # a wrong layer or map: O(1)
 
 
 def test_llava_hf_vocab_rows_and_bad_configs(tmp_path, llava_hf):

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+from pydantic import model_validator
 from torch import Tensor
 
 from mmcompose.errors import ConfigError
@@ -23,6 +24,25 @@ class CLIPVisionParams(EncoderParams):
     vision_config: dict[str, Any]
     feature_layer: int = -2  # LLaVA: the penultimate layer's hidden states
     select_strategy: Literal["default", "full"] = "default"  # default drops the CLS token
+    # The checkpoint's own image processor settings (importers copy them); None: CLIP's
+    # processor at the tower's image_size, as openai/clip-* ship it.
+    image_processing: media.ImageProcessing | None = None
+
+    @model_validator(mode="after")
+    def _pixels_fit_tower(self) -> CLIPVisionParams:
+        size = self.vision_config.get("image_size", 224)
+        out = self.pixels().output_size()
+        if out != (size, size):
+            raise ValueError(
+                f"the image processor gives {out or 'input-dependent'} pixels; the CLIP "
+                f"tower takes {size}x{size}"
+            )
+        return self
+
+    def pixels(self) -> media.ImageProcessing:
+        """The preprocessing in full (unset sizes = the tower's input size)."""
+        size = self.vision_config.get("image_size", 224)
+        return (self.image_processing or media.ImageProcessing()).for_size(size)
 
 
 # The vision-config keys a spec keeps: the architecture, nothing about training or saving.
@@ -68,8 +88,7 @@ class CLIPVisionEncoder(Encoder):
 
     @classmethod
     def preprocess(cls, item: Any, params: CLIPVisionParams) -> Tensor:
-        size = params.vision_config.get("image_size", 224)
-        return media.image_to_tensor(item, size, media.CLIP_MEAN, media.CLIP_STD)
+        return media.preprocess_image(item, params.pixels())
 
     def forward(self, x: Tensor) -> Tensor:  # (n, 3, S, S) -> (n, N, hidden)
         out = self.clip(pixel_values=x, output_hidden_states=True)
@@ -94,14 +113,27 @@ def clip_state_prefix() -> str:
 
 
 def clip_vision_spec(
-    vision_config: Mapping[str, Any], feature_layer: int, strategy: str
+    vision_config: Mapping[str, Any],
+    feature_layer: int,
+    strategy: str,
+    image_processing: media.ImageProcessing | None = None,
 ) -> ModuleSpec:
-    """A ``clip_vision`` spec from a (possibly partial) HF vision config, defaults filled in."""
+    """A ``clip_vision`` spec from a (possibly partial) HF vision config, defaults filled in,
+    and the checkpoint's image processor settings (checked against the tower's input size)."""
     from transformers import CLIPVisionConfig
 
     full = CLIPVisionConfig(**dict(vision_config)).to_dict()
     vc = {k: full[k] for k in _CLIP_KEYS}
-    return ModuleSpec(
-        name="clip_vision",
-        params={"vision_config": vc, "feature_layer": feature_layer, "select_strategy": strategy},
-    )
+    params: dict[str, Any] = {
+        "vision_config": vc,
+        "feature_layer": feature_layer,
+        "select_strategy": strategy,
+    }
+    if image_processing is not None and image_processing != media.ImageProcessing():
+        params["image_processing"] = image_processing.model_dump(mode="json")
+    spec = ModuleSpec(name="clip_vision", params=params)
+    try:
+        CLIPVisionParams(**spec.params)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"clip_vision: {e}") from None
+    return spec

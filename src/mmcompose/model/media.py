@@ -10,10 +10,15 @@ reproducible across processes and runs.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
+import re
 import struct
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -24,10 +29,11 @@ import soundfile as sf
 import torch
 import trimesh
 from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, ValidationError
 from scipy.signal import resample_poly
 from torch import Tensor
 
-from mmcompose.errors import MediaError
+from mmcompose.errors import CheckpointError, MediaError
 
 PathLike = str | os.PathLike[str]
 
@@ -157,16 +163,196 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic, antialiased) and take the central square,
-    the CLIP/ImageNet evaluation transform, so aspect ratio is never distorted."""
+# --------------------------------------------------------------------------- image pixels
+#: The image-processor config keys that carry no processing (names, bookkeeping).
+_HF_META_KEYS = frozenset(
+    {"image_processor_type", "feature_extractor_type", "processor_class", "_processor_class"}
+)
+_CLIP_PROCESSORS = frozenset(
+    {
+        "CLIPImageProcessor",
+        "CLIPImageProcessorFast",
+        "CLIPImageProcessorPil",
+        "CLIPFeatureExtractor",
+    }
+)
+
+
+class ImageProcessing(BaseModel):
+    """How an image becomes pixel values: a CLIP image processor's settings as a checkpoint's
+    ``preprocessor_config.json`` states them, plus original LLaVA's pad-to-square.
+
+    ``size``/``crop_size`` None mean the tower's input size (``for_size``), which is what
+    CLIP's own processors do at their model's resolution."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pad_to_square: bool = False  # LLaVA-1.5 ``image_aspect_ratio: pad`` (expand2square)
+    do_resize: bool = True
+    size: dict[str, int] | None = None  # {"shortest_edge": n} or {"height": h, "width": w}
+    resample: int = 3  # PIL resampling filter; 3 = bicubic
+    do_center_crop: bool = True
+    crop_size: dict[str, int] | None = None  # {"height": h, "width": w}
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    do_convert_rgb: bool = True
+
+    def for_size(self, size: int) -> ImageProcessing:
+        """Unset sizes filled with ``size`` (shortest edge, square crop)."""
+        return self.model_copy(
+            update={
+                "size": self.size or {"shortest_edge": size},
+                "crop_size": self.crop_size or {"height": size, "width": size},
+            }
+        )
+
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every output, or None when it depends on the input."""
+        if self.do_center_crop and self.crop_size:
+            return self.crop_size["height"], self.crop_size["width"]
+        if self.do_resize and self.size and {"height", "width"} <= set(self.size):
+            return self.size["height"], self.size["width"]
+        return None
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any], where: str, pad_to_square: bool = False):
+        """A transformers CLIP image-processor dict (``preprocessor_config.json``, or the
+        ``image_processor`` of a ``processor_config.json``) -> settings. Old-style integer
+        sizes are read as transformers reads them for CLIP (shortest edge; square crop); a
+        setting this module does not apply is refused rather than ignored."""
+        kind = config.get("image_processor_type") or config.get("feature_extractor_type")
+        if kind is not None and kind not in _CLIP_PROCESSORS:
+            raise CheckpointError(
+                f"{where}: image processor {kind!r} is not supported (CLIP's only)",
+                hint="mmcompose's clip_vision tower preprocesses as CLIPImageProcessor",
+            )
+        fields = set(cls.model_fields) - {"pad_to_square"}
+        data: dict[str, Any] = {k: v for k, v in config.items() if k in fields and v is not None}
+        other = {
+            k: v
+            for k, v in config.items()
+            if k not in fields | _HF_META_KEYS and v not in (None, False)
+        }
+        if other:
+            raise CheckpointError(
+                f"{where}: image processor settings mmcompose does not apply: {sorted(other)}",
+                hint="nothing is dropped silently; this processor variant is not supported",
+            )
+        if isinstance(data.get("size"), int):
+            data["size"] = {"shortest_edge": data["size"]}
+        if isinstance(data.get("crop_size"), int):
+            data["crop_size"] = {"height": data["crop_size"], "width": data["crop_size"]}
+        try:
+            return cls(pad_to_square=pad_to_square, **data)
+        except ValidationError as e:
+            raise CheckpointError(f"{where}: invalid image processor settings: {e}") from None
+
+
+def _as_rgb_image(img: Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(img, np.ndarray):
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise MediaError(f"expected an image array shaped (H, W, 3), got {img.shape}")
+        img = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8))
+    if img.width == 0 or img.height == 0:
+        raise MediaError(f"image has no pixels (size {img.size})")
+    return _to_rgb(img)
+
+
+def expand_to_square(img: Image.Image, mean: Sequence[float]) -> Image.Image:
+    """LLaVA's ``expand2square``: paste centred (offset floored) on a square of the mean
+    colour (``int(255 * m)``, truncated, as LLaVA computes it)."""
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = round((nw - size) / 2), round((nh - size) / 2)
-    return img.crop((left, top, left + size, top + size))
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), tuple(int(x * 255) for x in mean))
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def resize_shortest_edge(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``size`` and the longer one truncated, as
+    transformers (``get_resize_output_image_size``) and torchvision compute it."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    return (size, new_long) if width <= height else (new_long, size)
+
+
+def center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre crop of an (H, W, C) array with floored offsets; a smaller image is zero-padded
+    (ceil offsets), as transformers' ``center_crop`` does."""
+    h, w = arr.shape[:2]
+    top, left = (h - height) // 2, (w - width) // 2
+    if top >= 0 and left >= 0:
+        return arr[top : top + height, left : left + width]
+    nh, nw = max(height, h), max(width, w)
+    canvas = np.zeros((nh, nw, *arr.shape[2:]), dtype=arr.dtype)
+    ph, pw = math.ceil((nh - h) / 2), math.ceil((nw - w) / 2)
+    canvas[ph : ph + h, pw : pw + w] = arr
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return canvas[top : top + height, left : left + width]
+
+
+def _own_pixels(img: Image.Image, proc: ImageProcessing) -> Tensor:
+    """The CLIP image processor's steps (resize, crop, rescale, normalise), operation for
+    operation, for when transformers' own is unavailable and for mmcompose's own encoders."""
+    if proc.do_resize:
+        if not proc.size:
+            raise ValueError("image resize needs a size")
+        if "shortest_edge" in proc.size:
+            w, h = resize_shortest_edge(img.width, img.height, proc.size["shortest_edge"])
+        else:
+            w, h = proc.size["width"], proc.size["height"]
+        img = img.resize((w, h), resample=Image.Resampling(proc.resample))
+    arr = np.asarray(img)
+    if proc.do_center_crop and proc.crop_size:
+        arr = center_crop(arr, proc.crop_size["height"], proc.crop_size["width"])
+    x = arr.astype(np.float64) * proc.rescale_factor if proc.do_rescale else arr
+    x = np.asarray(x, dtype=np.float32)
+    if proc.do_normalize:
+        m = np.asarray(proc.image_mean, dtype=np.float32)
+        s = np.asarray(proc.image_std, dtype=np.float32)
+        x = (x - m) / s
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+@functools.lru_cache(maxsize=16)
+def _library_processor(settings_json: str) -> Any:
+    """transformers' CLIPImageProcessor with these settings (the backend transformers picks,
+    as ``LlavaProcessor.from_pretrained`` would); None when it cannot be had."""
+    kwargs = json.loads(settings_json)
+    kwargs.pop("pad_to_square")
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return None
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # "falling back to the PIL backend" when torchvision is absent
+    try:
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor(**kwargs)
+    except ImportError:  # a backend it needs is missing: our copy of its steps is used
+        return None
+    finally:
+        logging.set_verbosity(level)
+
+
+def preprocess_image(img: Image.Image | np.ndarray, proc: ImageProcessing) -> Tensor:
+    """Image (PIL, or uint8 (H, W, 3)) -> float32 (3, H, W) as the checkpoint's own library
+    computes it: LLaVA's pad-to-square if set, then transformers' CLIP image processor (our
+    operation-for-operation copy when transformers' is unavailable)."""
+    img = _as_rgb_image(img)
+    if proc.pad_to_square:
+        img = expand_to_square(img, proc.image_mean)
+    library = _library_processor(proc.model_dump_json())
+    if library is None:
+        return _own_pixels(img, proc)
+    pixels = library(images=img, return_tensors="np")["pixel_values"][0]
+    return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
 
 
 def image_to_tensor(
@@ -175,19 +361,13 @@ def image_to_tensor(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Tensor:
-    """Image (PIL, or uint8 array (H, W, 3)) -> normalised float32 tensor (3, size, size)."""
+    """Image (PIL, or uint8 array (H, W, 3)) -> normalised float32 tensor (3, size, size):
+    shorter side to ``size`` (bicubic), central square, the CLIP/ImageNet evaluation transform
+    with transformers' rounding (so aspect ratio is never distorted)."""
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    if isinstance(img, np.ndarray):
-        if img.ndim != 3 or img.shape[2] != 3:
-            raise MediaError(f"expected an image array shaped (H, W, 3), got {img.shape}")
-        img = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8))
-    if img.width == 0 or img.height == 0:
-        raise MediaError(f"image has no pixels (size {img.size})")
-    arr = np.asarray(_resize_center_crop(_to_rgb(img), size), dtype=np.float32) / 255.0
-    m = np.asarray(mean, dtype=np.float32).reshape(1, 1, 3)
-    s = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
-    return torch.from_numpy(np.ascontiguousarray(((arr - m) / s).transpose(2, 0, 1)))
+    proc = ImageProcessing(image_mean=tuple(mean), image_std=tuple(std)).for_size(size)
+    return _own_pixels(_as_rgb_image(img), proc)
 
 
 def sample_frames_to_tensor(
@@ -469,16 +649,33 @@ def _video_frame_estimate(p: Path) -> int:
         return _estimate_frame_count(container, container.streams.video[0])
 
 
+# Image files that are a still video (the reference loader reads a ``.jpg`` video as one
+# frame); .gif stays a video file (animated).
+VIDEO_STILL_EXTENSIONS: tuple[str, ...] = tuple(
+    e for e in IMAGE_EXTENSIONS if e not in VIDEO_EXTENSIONS
+)
+
+
 def load_video(path: PathLike, num_frames: int = 8) -> np.ndarray:
     """Sample ``num_frames`` frames uniformly over the whole clip: uint8 (num_frames, H, W, 3).
 
-    Decodes sequentially. The header's frame count is used when present and checked against
-    the frames actually decoded; if it was wrong (or missing), a second pass samples with the
-    true count, so sampling is uniform even for files with lying or absent metadata.
+    A video is one of three things: a video file; a still image (``.jpg``, ``.png``, ...: a
+    one-frame clip, so every sampled frame is that image, as the reference reads a ``.jpg``
+    video); or a folder of frame images, in name order (numbers compared as numbers:
+    ``f2.png`` before ``f10.png``). All three sample with the same rule, so the frame count
+    and the choice of frames depend only on the clip's length.
+
+    A file is decoded sequentially. The header's frame count is used when present and checked
+    against the frames actually decoded; if it was wrong (or missing), a second pass samples
+    with the true count, so sampling is uniform even for files with lying or absent metadata.
     """
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
-    p = _check_file(path, "video", VIDEO_EXTENSIONS)
+    if Path(path).expanduser().is_dir():
+        return _load_frame_folder(Path(path).expanduser(), num_frames)
+    p = _check_file(path, "video", VIDEO_EXTENSIONS + VIDEO_STILL_EXTENSIONS)
+    if p.suffix.lower() in VIDEO_STILL_EXTENSIONS:
+        return sample_frames(np.asarray(load_image(p)), num_frames)
     try:
         estimate = _video_frame_estimate(p)
         wanted = _frame_indices(estimate, num_frames) if estimate > 0 else None
@@ -491,6 +688,80 @@ def load_video(path: PathLike, num_frames: int = 8) -> np.ndarray:
     if total == 0 or wanted is None:
         raise MediaError(f"video file contains no decodable frames: {p}", hint="re-export it")
     return np.stack([picked[int(i)] for i in wanted])
+
+
+def sample_frames(frames: Any, num_frames: int) -> np.ndarray:
+    """Frames in memory, uint8 (T, H, W, 3) of any length T > 0 or one image (H, W, 3) / PIL
+    image (a one-frame clip) -> (num_frames, H, W, 3), sampled as :func:`load_video` samples."""
+    if isinstance(frames, Image.Image):
+        frames = np.asarray(_to_rgb(frames))
+    arr = np.asarray(frames)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] == 0:
+        raise MediaError(
+            f"expected video frames shaped (T, H, W, 3) with T > 0, or one image (H, W, 3), "
+            f"got {arr.shape}"
+        )
+    return arr[_frame_indices(arr.shape[0], num_frames)]
+
+
+def _natural_key(name: str) -> tuple[tuple[Any, ...], str]:
+    """Sort key: digit runs compare as numbers ("f2" < "f10"); ties by the name itself."""
+    parts = re.split(r"(\d+)", name)
+    return tuple(int(x) if i % 2 else x for i, x in enumerate(parts)), name
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """A frame folder's images in frame order; other files (and hidden ones) are not frames."""
+    files = [
+        f
+        for f in folder.iterdir()
+        if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".") and f.is_file()
+    ]
+    return sorted(files, key=lambda f: _natural_key(f.name))
+
+
+def _load_frame_folder(folder: Path, num_frames: int) -> np.ndarray:
+    """Sample a folder of frame images like a clip of that many frames. Every frame file is
+    checked (a header read), not only the sampled ones, so whether a bad frame fails does
+    not depend on ``num_frames``; frames of another size are resized to the first sampled."""
+    files = frame_files(folder)
+    if not files:
+        raise MediaError(
+            f"video folder has no frame images: {folder}",
+            hint=f"a frame folder holds one image per frame ({', '.join(IMAGE_EXTENSIONS)}), "
+            "named in order (frame_0001.jpg, ...)",
+        )
+    wanted = _frame_indices(len(files), num_frames)
+    sampled = set(wanted.tolist())
+    loaded: dict[int, np.ndarray] = {}
+    for i, f in enumerate(files):
+        try:
+            if i in sampled:
+                img = load_image(f)
+                first = next(iter(loaded.values()), None)
+                if first is not None and img.size != (first.shape[1], first.shape[0]):
+                    size = (first.shape[1], first.shape[0])
+                    img = img.resize(size, Image.Resampling.BICUBIC)
+                loaded[i] = np.asarray(img)
+            else:
+                _check_image_header(f)
+        except MediaError as exc:
+            raise MediaError(
+                f"unreadable frame in video folder {folder}: {exc.message}", hint=exc.hint
+            ) from exc
+    return np.stack([loaded[int(i)] for i in wanted])
+
+
+def _check_image_header(p: Path) -> None:
+    """That a frame file is a non-empty image Pillow can identify (no pixels decoded)."""
+    _check_file(p, "image", IMAGE_EXTENSIONS)
+    try:
+        with Image.open(p):
+            pass
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _corrupt("image", p, exc) from exc
 
 
 # --------------------------------------------------------------------------- point cloud
@@ -604,8 +875,8 @@ def load_point_cloud(path: PathLike, num_samples: int = 8192, seed: int = 0) -> 
     if suffix in (".npy", ".npz"):
         try:
             return _validate_points(_load_npy_points(p), p)
-        except (OSError, ValueError, EOFError) as exc:
-            raise _corrupt("point cloud", p, exc) from exc
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise _corrupt("point cloud", p, exc) from exc  # .npz is a zip: cut short, BadZip
     try:
         geom = trimesh.load(str(p), file_type=suffix[1:], process=False)
         if isinstance(geom, trimesh.Scene):

@@ -2,7 +2,11 @@
 
 The text is split on placeholders and each piece tokenised on its own; a placeholder becomes
 its modality's negative sentinel id (see :mod:`mmcompose.model.splice`), so the base LLM's
-tokenizer and vocabulary are used unchanged. Each input may be a file path or an object
+tokenizer and vocabulary are used unchanged. A placeholder the tokenizer itself holds as a
+token (llava-hf adds ``<image>``) is tokenised with the text around it instead, as its own
+processor does (it matters for SentencePiece tokenizers, which mark the start of each piece).
+Chat templates are rendered by :class:`~mmcompose.model.chat.ChatRenderer`, in whichever
+content form (string or parts) the template takes. Each input may be a file path or an object
 already loaded (PIL image, waveform array at the encoder's sample rate, frame array, points).
 """
 
@@ -20,13 +24,13 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mmcompose.errors import CheckpointError, MediaError, PlaceholderError
+from mmcompose.io import load_json
 from mmcompose.modalities import MODALITIES, canonical_modality
-from mmcompose.model.config import PROCESSOR_CONFIG, MMConfig, ModuleSpec
+from mmcompose.model.chat import ChatRenderer
+from mmcompose.model.config import CONFIG_NAME, PROCESSOR_CONFIG, MMConfig, ModuleSpec
 from mmcompose.model.encoders import ENCODERS, encoder_params
 from mmcompose.model.media import OnCorrupt, handle_unreadable
 from mmcompose.model.splice import SENTINELS
-
-PLACEHOLDER_RE = re.compile("(" + "|".join(f"<{m}>" for m in MODALITIES) + ")")
 
 
 class MMProcessor:
@@ -45,6 +49,8 @@ class MMProcessor:
         # Given to conversations without a system turn; None keeps the template's default.
         self.system_prompt = system_prompt
         self._special_prefix = _special_prefix(tokenizer)
+        self._chat = ChatRenderer(tokenizer)
+        self._native = _native_placeholders(tokenizer)
 
     @classmethod
     def from_config(
@@ -82,9 +88,7 @@ class MMProcessor:
         if self.system_prompt is not None and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            return self._chat(messages, add_generation_prompt)
         parts = []
         for m in messages:
             if m["role"] == "assistant":
@@ -96,14 +100,16 @@ class MMProcessor:
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids with one sentinel per placeholder."""
         ids: list[int] = []
-        for piece in PLACEHOLDER_RE.split(text):
+        split = self._native["split"]
+        for piece in split.split(text) if split is not None else [text]:
             if not piece:
                 continue
-            m = PLACEHOLDER_RE.fullmatch(piece)
-            if m:
+            if split is not None and split.fullmatch(piece):
                 ids.append(SENTINELS[piece[1:-1]])
             else:
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+                native = self._native["ids"]
+                for i in self.tokenizer(piece, add_special_tokens=False)["input_ids"]:
+                    ids.append(SENTINELS[native[i]] if i in native else i)
         prefix = self._special_prefix
         if add_special_tokens and prefix and ids[: len(prefix)] != prefix:
             ids = prefix + ids
@@ -209,25 +215,77 @@ class MMProcessor:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MMProcessor:
         path = Path(path)
+        # A damaged config.json is named as such first (transformers' tokenizer loader reads
+        # it too, and would blame the tokenizer); a processor saved alone has none.
+        config = MMConfig.from_dir(path) if (path / CONFIG_NAME).is_file() else None
+        pc = path / PROCESSOR_CONFIG
+        data = (
+            load_json(pc, "processor config", error=CheckpointError, hint=_RESAVE)
+            if pc.is_file()
+            else None
+        )
         try:
             with _quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as e:
+            _load_chat_template(path, tokenizer)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a damaged tokenizer.json raises anything (KeyError, the
+            # tokenizers library's bare Exception, ...): name the folder instead.
             raise CheckpointError(
-                f"cannot load a tokenizer from {path}: {e}",
-                hint="save the model with its processor (save_pretrained(path, processor=...))",
+                f"cannot load a tokenizer from {path}: {type(e).__name__}: "
+                + " ".join(str(e).split())[:300],
+                hint="the tokenizer files are missing or damaged; " + _RESAVE,
             ) from None
-        pc = path / PROCESSOR_CONFIG
-        if pc.is_file():
-            data = json.loads(pc.read_text())
-            encoders = {m: ModuleSpec(**s) for m, s in data.get("encoders", {}).items()}
+        if data is not None:
+            try:
+                encoders = {m: ModuleSpec(**s) for m, s in data.get("encoders", {}).items()}
+            except (TypeError, AttributeError, ValueError) as e:
+                raise CheckpointError(f"{pc} has malformed encoders: {e}", hint=_RESAVE) from None
             return cls(
                 tokenizer,
                 encoders,
                 data.get("use_chat_template", True),
                 data.get("system_prompt"),
             )
-        return cls.from_config(MMConfig.from_dir(path), tokenizer)
+        return cls.from_config(config or MMConfig.from_dir(path), tokenizer)
+
+
+_RESAVE = "save the model with its processor (save_pretrained(path, processor=...))"
+
+
+def _native_placeholders(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Placeholders the tokenizer holds as single tokens (``ids``: token id -> modality) and
+    a regex splitting on the others (``split``, None when every placeholder is native)."""
+    added = tokenizer.get_added_vocab()  # split out before any pre-tokenizer sees the text
+    ids: dict[int, str] = {}
+    for m in MODALITIES:
+        tid = added.get(f"<{m}>")
+        if tid is not None and tokenizer(f"<{m}>", add_special_tokens=False)["input_ids"] == [tid]:
+            ids[tid] = m
+    rest = [f"<{m}>" for m in MODALITIES if m not in ids.values()]
+    return {"ids": ids, "split": re.compile("(" + "|".join(rest) + ")") if rest else None}
+
+
+def _load_chat_template(path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The template a processor saved next to the tokenizer, as its library reads it:
+    ``chat_template.jinja`` (transformers 4.5x+), else ``chat_template.json``
+    (``{"chat_template": ...}``, older processors), else tokenizer_config.json's own."""
+    jinja, js = path / "chat_template.jinja", path / "chat_template.json"
+    if jinja.is_file():
+        tokenizer.chat_template = jinja.read_text(encoding="utf-8")
+    elif js.is_file():
+        data = load_json(js, "chat template", error=CheckpointError)
+        template = data.get("chat_template") if isinstance(data, dict) else None
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if not isinstance(template, str):
+            raise CheckpointError(
+                f"{js} holds no chat template string under 'chat_template'",
+                hint="restore the file, or delete it to use tokenizer_config.json's template",
+            )
+        tokenizer.chat_template = template
 
 
 @contextlib.contextmanager

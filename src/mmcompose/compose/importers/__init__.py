@@ -57,7 +57,17 @@ Why each decision:
   refuse them. mmcompose splices blocks at negative sentinel ids and never needs an ``<image>``
   row, so ``base_vocab_size=N`` keeps only the first N rows (and sets ``vocab_size``); without it
   the rows are kept and the difference is left to the composer to refuse. The same option exists
-  for LLaVA-original (``mm_use_im_start_end`` or v0's ``[PAD]`` add rows there).
+  for LLaVA-original (``mm_use_im_start_end`` or v0's ``[PAD]`` add rows there). A
+  ``pad_token_id`` among the dropped rows (llava-hf's ``<pad>``) is set to None: no kept row is
+  that token, padded positions are masked (and embedded as row 0), and the LLM's embedding
+  could not be built with it. A BOS or EOS id among them is refused (the trim is wrong).
+* Preprocessing. The image tower keeps the checkpoint's own processor settings
+  (``preprocessor_config.json``, or transformers 5's ``processor_config.json``; for
+  LLaVA-original, the CLIP folder's) and LLaVA-1.5's ``image_aspect_ratio: pad``
+  (``expand2square`` with the mean colour), and images are preprocessed by transformers'
+  ``CLIPImageProcessor`` itself (see :func:`mmcompose.model.media.preprocess_image`). Chat
+  templates are copied as saved and rendered in the content form they expect
+  (:mod:`mmcompose.model.chat`).
 * ModelCompose checkpoints hold only adapters, projectors and prefix/suffix tokens; the base
   LLM is whatever ``_name_or_path`` named at training time. ``base=PATH`` (or ``_name_or_path``
   when it is an existing local folder) adds the base weights as ``language_model.*``; otherwise

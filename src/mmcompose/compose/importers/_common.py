@@ -20,6 +20,7 @@ from mmcompose.errors import CheckpointError, ConfigError
 from mmcompose.model.clip import clip_state_prefix, clip_vision_spec
 from mmcompose.model.config import CONFIG_NAME, ModuleSpec
 from mmcompose.model.encoders import ENCODERS, build_encoder
+from mmcompose.model.media import ImageProcessing
 
 # An encoder given to an importer: a local HF CLIP folder, or (spec, safetensors state dict).
 EncoderChoice = str | Path | tuple[ModuleSpec, str | Path]
@@ -41,6 +42,11 @@ def config_dtype(cfg: Mapping[str, Any]) -> str:
 
 
 def check_vocab(path: Path, text_config: dict[str, Any], base_vocab_size: int | None) -> None:
+    """Apply ``base_vocab_size`` to the LLM config: ``vocab_size`` becomes it, and a
+    ``pad_token_id`` among the dropped rows (llava-hf's added ``<pad>``) becomes None, since
+    no kept row is that token (padding is masked, so its id is never embedded; the LLM's
+    embedding could not even be built with it). A BOS or EOS id among the dropped rows is an
+    error: the trimmed model could neither start nor stop like the checkpoint."""
     if base_vocab_size is None:
         return
     vocab = text_config.get("vocab_size")
@@ -48,7 +54,45 @@ def check_vocab(path: Path, text_config: dict[str, Any], base_vocab_size: int | 
         raise ConfigError(
             f"{path}: base_vocab_size {base_vocab_size} must be in 1..{vocab} (the checkpoint's)"
         )
+    for key in ("bos_token_id", "eos_token_id"):
+        ids = text_config.get(key)
+        dropped = [
+            i for i in (ids if isinstance(ids, list) else [ids]) if _past(i, base_vocab_size)
+        ]
+        if dropped:
+            raise ConfigError(
+                f"{path}: base_vocab_size {base_vocab_size} drops the {key} {dropped}",
+                hint="base_vocab_size is the base LLM's vocabulary size; the tokens it keeps "
+                "must include the special tokens the checkpoint starts and stops with",
+            )
     text_config["vocab_size"] = base_vocab_size
+    if _past(text_config.get("pad_token_id"), base_vocab_size):
+        text_config["pad_token_id"] = None
+
+
+def _past(token_id: object, n: int) -> bool:
+    return isinstance(token_id, int) and token_id >= n
+
+
+def image_processing(folder: Path | None, pad_to_square: bool = False) -> ImageProcessing | None:
+    """A checkpoint's CLIP image-processor settings: ``preprocessor_config.json``, or the
+    ``image_processor`` block of transformers 5's ``processor_config.json``; with LLaVA's
+    pad-to-square when its ``image_aspect_ratio`` is ``pad``. None: CLIP's defaults."""
+    found: tuple[Path, dict] | None = None
+    if folder is not None:
+        pre, proc = folder / "preprocessor_config.json", folder / "processor_config.json"
+        if pre.is_file():
+            found = pre, read_json(pre)
+        elif proc.is_file() and isinstance(read_json(proc).get("image_processor"), dict):
+            found = proc, read_json(proc)["image_processor"]
+    if found is not None:
+        return ImageProcessing.from_hf(found[1], str(found[0]), pad_to_square=pad_to_square)
+    return ImageProcessing(pad_to_square=True) if pad_to_square else None
+
+
+def llava_pads(cfg: Mapping[str, Any]) -> bool:
+    """LLaVA-1.5's ``image_aspect_ratio: pad``: images are padded to a square first."""
+    return cfg.get("image_aspect_ratio") == "pad"
 
 
 def vocab_transform(name: str, base_vocab_size: int | None) -> Transform | None:
@@ -104,8 +148,10 @@ def add_encoder(
     origin: str,
     output_dim: int,
     clip_select: tuple[int, str] = (-2, "default"),
+    pad_to_square: bool = False,
 ) -> ModuleSpec:
-    """Resolve a tower's encoder: a CLIP folder, (spec, weights), or ``unavailable``."""
+    """Resolve a tower's encoder: a CLIP folder, (spec, weights), or ``unavailable``.
+    A CLIP folder's own image processor settings come with it (``pad_to_square`` added)."""
     if choice is None:
         local = Path(origin)
         if modality == "image" and origin and (local / CONFIG_NAME).is_file():
@@ -129,11 +175,15 @@ def add_encoder(
             f"a folder is only accepted for the image encoder (CLIP); for {modality} pass "
             "(ModuleSpec, weights.safetensors)"
         )
-    return _add_clip_folder(src, Path(choice), output_dim, clip_select)
+    return _add_clip_folder(src, Path(choice), output_dim, clip_select, pad_to_square)
 
 
 def _add_clip_folder(
-    src: ImportedSource, folder: Path, output_dim: int, select: tuple[int, str]
+    src: ImportedSource,
+    folder: Path,
+    output_dim: int,
+    select: tuple[int, str],
+    pad_to_square: bool = False,
 ) -> ModuleSpec:
     cfg = read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
     mt = cfg.get("model_type")
@@ -143,16 +193,25 @@ def _add_clip_folder(
             f"{folder} is not a Hugging Face CLIP folder (config model_type {mt!r})",
             hint="pass a local copy of the CLIP model the checkpoint names (mm_vision_tower)",
         )
-    spec = clip_vision_spec(vc, *select)
+    spec = clip_vision_spec(vc, *select, image_processing(folder, pad_to_square))
     check_dim(folder, "image", spec.params["vision_config"]["hidden_size"], output_dim)
     files = checkpoint_files(folder)
     prefix = "towers.image.encoder.clip." + clip_state_prefix()
     for key, file in files.items():
         if key.startswith("vision_model."):
             src.add(prefix + key.removeprefix("vision_model."), file, key)
+        elif mt == "clip_vision_model" and key.startswith(_CLIP_VISION_ROOTS):
+            src.add(prefix + key, file, key)  # CLIPVisionModel saved by transformers 5
         else:
             src.dropped[f"{folder.name}/{key}"] = "CLIP text side or projection (not used)"
+    if not any(k.startswith(prefix) for k in src):
+        raise CheckpointError(f"{folder}: no CLIP vision-tower weights found")
     return spec
+
+
+# Top-level modules of CLIP's vision transformer (transformers 5 saves a CLIPVisionModel
+# without the ``vision_model.`` prefix that transformers 4 wrote).
+_CLIP_VISION_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 
 
 def _add_substitute_encoder(

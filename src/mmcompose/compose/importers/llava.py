@@ -19,7 +19,9 @@ from mmcompose.compose.importers._common import (
     config_dtype,
     fail_unknown,
     first_weight,
+    image_processing,
     is_llava_only,
+    llava_pads,
     llm_config,
     mlp_projector,
     vocab_transform,
@@ -103,10 +105,11 @@ def open_llava(
         "full" if cfg.get("mm_vision_select_feature", "patch") == "cls_patch" else "default",
     )
     choice = (encoders or {}).get("image")
+    pad = llava_pads(cfg)
     if vision_keys and choice is None:
-        enc = _add_embedded_clip(src, path, origin, vision_keys, d_enc, select)
+        enc = _add_embedded_clip(src, path, origin, vision_keys, d_enc, select, pad)
     else:
-        enc = add_encoder(src, "image", choice, origin, d_enc, select)
+        enc = add_encoder(src, "image", choice, origin, d_enc, select, pad)
         src.dropped.update(dict.fromkeys(vision_keys, "replaced by the encoder given"))
     tower = TowerConfig(modality="image", encoder=enc, projector=proj)
     src.config = MMConfig(text_config=text, towers=[tower], dtype=config_dtype(cfg))
@@ -120,8 +123,10 @@ def _add_embedded_clip(
     keys: Mapping[str, Path],
     d_enc: int,
     select: tuple[int, str],
+    pad_to_square: bool,
 ) -> ModuleSpec:
-    """A LLaVA checkpoint that saved its (unfrozen) CLIP tower: the config must be known."""
+    """A LLaVA checkpoint that saved its (unfrozen) CLIP tower: the config must be known
+    (its image processor is CLIP's at the tower's size, as those towers ship it)."""
     vc = KNOWN_CLIP_TOWERS.get(origin.rstrip("/"))
     if vc is None:
         raise CheckpointError(
@@ -129,7 +134,7 @@ def _add_embedded_clip(
             "CLIP tower, so its architecture is unknown",
             hint="pass encoders={'image': PATH} with a local copy of that CLIP model",
         )
-    spec = clip_vision_spec(vc, *select)
+    spec = clip_vision_spec(vc, *select, image_processing(None, pad_to_square))
     check_dim(path, "image", vc["hidden_size"], d_enc)
     prefix = "towers.image.encoder.clip." + clip_state_prefix()
     for name, file in keys.items():

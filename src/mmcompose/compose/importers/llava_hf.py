@@ -15,6 +15,7 @@ from mmcompose.compose.importers._common import (
     check_vocab,
     config_dtype,
     fail_unknown,
+    image_processing,
     vocab_transform,
 )
 from mmcompose.compose.importers.bin_reader import ImportedSource, checkpoint_files
@@ -94,7 +95,7 @@ def open_llava_hf(path: Path, *, base_vocab_size: int | None = None) -> Imported
     text = AutoConfig.for_model(**tc).to_dict()
     text["architectures"] = [ARCHS[tc["model_type"]]]
     check_vocab(path, text, base_vocab_size)
-    enc = clip_vision_spec(vc, layer, strategy)
+    enc = clip_vision_spec(vc, layer, strategy, image_processing(path))
     src = ImportedSource(path, MMConfig(text_config=text), kind="llava_hf")
     clip_prefix = "towers.image.encoder.clip." + clip_state_prefix()
     unknown, proj_keys = [], []

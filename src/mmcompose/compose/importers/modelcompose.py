@@ -23,6 +23,7 @@ from mmcompose.compose.importers._common import (
     fail_unknown,
     first_weight,
     is_llava_only,
+    llava_pads,
     llm_config,
     mlp_projector,
 )
@@ -260,7 +261,8 @@ def _mc_tower(
         int(cfg.get("mm_vision_select_layer", -1)),
         "full" if cfg.get("mm_vision_select_feature", "patch") == "cls_patch" else "default",
     )
-    enc = add_encoder(src, modality, choice, origin, d_in, select)
+    pad = ref == "vision" and llava_pads(cfg)  # the reference preprocesses images as LLaVA
+    enc = add_encoder(src, modality, choice, origin, d_in, select, pad)
     return TowerConfig(
         modality=modality,
         encoder=enc,
