@@ -4,6 +4,7 @@ synthetic sources (fast), plus ``real`` tests on the Debian/PyPI sources when in
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tarfile
 from collections import Counter
@@ -89,6 +90,7 @@ def test_split_quota_holds_out_a_share_of_every_label() -> None:
         if 6 <= n <= 13:
             assert test == 2
         if n >= 20:
+            # a count rounded to an integer (and nudged for the rules above): <= 1/n off
             assert abs(test / n - ds.HELD_OUT_PERCENT / 100) < 0.05
 
 
@@ -423,6 +425,106 @@ def test_clips_cut_real_videos_and_pan_over_images(
     assert birds == {"train": 2, "val": 1, "test": 1}
 
 
+# --------------------------------------------------------------------------- mesh renders
+def test_render_projects_a_sphere_onto_its_disc_front_side_only() -> None:
+    """Pinhole projection, z-buffer and hole closing on known geometry: a unit sphere seen from
+    distance 3 covers a disc of radius tan(asin(1/3)) / tan(fov / 2) half-widths (plus the 2x2
+    splats' half-width, 1 pixel), and every pixel inside shows the front hemisphere (red), none
+    the back (blue) through a gap."""
+    import trimesh
+
+    mr = ds.mesh_renders
+    sphere = trimesh.creation.icosphere(subdivisions=4)
+    surface = mr.mesh_surface(sphere, np.random.default_rng(0))
+    front = surface.points[:, 2] > 0  # the camera sits on +z (azimuth 0)
+    colours = np.where(front[:, None], [[1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0]]).astype(np.float32)
+    surface = mr.Surface(surface.points, surface.normals, colours)
+    full = mr.CLIP_SIZE * mr.SUPERSAMPLE  # the resolution clips are rasterised at
+    cam = mr.Camera(azimuth=0.0, elevation=0.0, distance=3.0, light=(0.0, 0.0, 1.0))
+    img = mr.render(surface, cam, (1.0, 1.0, 1.0), np.zeros((full, full, 3)), full, 1)
+    radius = full / 2 * math.tan(math.asin(1 / 3)) / math.tan(math.radians(mr.FOV_DEGREES) / 2)
+    covered = img.max(axis=2) > 0
+    assert abs(covered.sum() - math.pi * (radius + 1) ** 2) < math.pi * radius  # half a ring
+    yy, xx = np.mgrid[:full, :full] + 0.5
+    inside = np.hypot(xx - full / 2, yy - full / 2) < radius - 2
+    red, blue = img[..., 0].astype(int), img[..., 2].astype(int)
+    assert covered[inside].all()
+    assert (blue[inside] > red[inside]).mean() < 0.005  # see-through pixels: under 0.5%
+
+
+def _mesh_render_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An L of two boxes (cow: no symmetry, so an orbit must change its picture), an
+    icosphere (duck) and a one-sided scan (hippopotamus, a half-sphere point set like CGAL's
+    hippo scans) as the meshes dataset's sources, rendered from fewer points and frames."""
+    import trimesh
+
+    src = tmp_path / "render-src"
+    (src / "data/meshes").mkdir(parents=True)
+    (src / "data/points_3").mkdir()
+    foot = trimesh.creation.box((1.0, 0.4, 0.5), trimesh.transformations.translation_matrix(
+        (0.5, -0.8, 0.0)))  # fmt: skip
+    ell = trimesh.util.concatenate([trimesh.creation.box((1.0, 2.0, 0.5)), foot])
+    ell.export(src / "data/meshes/cow.off")
+    half = trimesh.creation.icosphere(subdivisions=3).vertices
+    trimesh.PointCloud(half[half[:, 2] > 0.05]).export(src / "data/points_3/hippo1.ply")
+    with tarfile.open(tmp_path / "render.tar.gz", "w:gz") as tar:
+        tar.add(src / "data", arcname="data")
+    (tmp_path / "bullet").mkdir()
+    trimesh.creation.icosphere(subdivisions=2).export(tmp_path / "bullet/duck.obj")
+    monkeypatch.setattr(ds.meshes, "CGAL_DATA_TARBALLS", (tmp_path / "render.tar.gz",))
+    monkeypatch.setattr(ds.meshes, "PYBULLET_DATA_DIR", tmp_path / "bullet")
+    meshes = (("cgal", "data/meshes/cow.off", "cow"), ("pybullet", "duck.obj", "duck"),
+              ("cgal", "data/points_3/hippo1.ply", "hippopotamus"))  # fmt: skip
+    monkeypatch.setattr(ds.meshes, "MESHES", meshes)
+    for name, value in (("CLIP_FRAMES", 8), ("SURFACE_POINTS", 24_000), ("VIEW_POINTS", 24_000)):
+        monkeypatch.setattr(ds.mesh_renders, name, value)
+
+
+def _relative_records(folder: Path) -> list[dict]:
+    return [{**r, "path": str(Path(r["path"]).relative_to(folder))} for r in _records(folder)]
+
+
+def test_mesh_renders_are_deterministic_move_and_split_every_concept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _mesh_render_sources(tmp_path, monkeypatch)
+    built = {}
+    for run in ("a", "b"):  # two preparations into two caches
+        monkeypatch.setenv("MMCOMPOSE_CACHE", str(tmp_path / f"cache-{run}"))
+        built[run] = ds.prepare_datasets(only=["mesh_clips", "mesh_views"], progress=False)
+    for name, per_label in (("mesh_clips", ds.mesh_renders.CLIPS_PER_LABEL),
+                            ("mesh_views", ds.mesh_renders.VIEWS_PER_LABEL)):  # fmt: skip
+        a, b = built["a"][name], built["b"][name]
+        recs = _relative_records(a)
+        assert recs == _relative_records(b)
+        assert not (a / "scratch").exists()
+        assert Counter(r["label"] for r in recs) == dict.fromkeys(
+            ("cow", "duck", "hippopotamus"), per_label
+        )
+        splits = {lab: Counter(r["split"] for r in recs if r["label"] == lab) for lab in ("cow",)}
+        assert splits == {"cow": {"train": 4, "val": 2, "test": 2}}  # split_quota(8)
+        assert all({r["split"] for r in recs if r["label"] == lab} == {"train", "val", "test"}
+                   for lab in ("cow", "duck", "hippopotamus"))  # fmt: skip
+    hippo = ds.mesh_renders.mesh_surface(
+        ds.meshes._load_geometry(tmp_path / "render-src/data/points_3/hippo1.ply"),
+        np.random.default_rng(0),
+    )
+    assert hippo.facing is not None and abs(hippo.facing) < 0.1  # the scan faces +z
+    motion = []
+    for rec in _records(built["a"]["mesh_clips"]):
+        frames = load_video(rec["path"], num_frames=8)
+        again = load_video(built["b"]["mesh_clips"] / rec["path"].split("/mesh_clips/")[1], 8)
+        assert frames.shape == (8, ds.mesh_renders.CLIP_SIZE, ds.mesh_renders.CLIP_SIZE, 3)
+        assert np.array_equal(frames, again)
+        if rec["label"] == "cow":
+            motion.append(np.abs(frames[0].astype(int) - frames[-1]).mean())
+    # a 90-180 degree orbit around an asymmetric shape changes the picture (mean absolute
+    # change in grey levels; a still scene encodes to identical frames, 0)
+    assert min(motion) > 4.0 and np.median(motion) > 15.0
+    view = next(r for r in _records(built["a"]["mesh_views"]) if r["label"] == "cow")
+    assert load_image(view["path"]).size == (ds.mesh_renders.VIEW_SIZE,) * 2
+
+
 def test_concept_table_counts_labels_per_modality(tmp_path: Path) -> None:
     root = tmp_path / "datasets"
     for name, modality, labels in (
@@ -490,7 +592,7 @@ def real_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_real_datasets_counts_and_cross_modal_concepts(real_cache: Path) -> None:
     root = real_cache / "datasets"
     minimum = {"emoji": 100, "openclipart": 300, "photos": 10, "spoken": 200, "sounds": 100,
-               "meshes": 300, "clips": 250}  # fmt: skip
+               "meshes": 300, "clips": 250, "mesh_clips": 240, "mesh_views": 240}  # fmt: skip
     for name, least in minimum.items():
         meta = json.loads((root / name / MANIFEST_NAME).read_text())
         recs = ds.read_items(root / name)
@@ -524,6 +626,8 @@ def test_real_items_load_with_the_media_loaders(real_cache: Path) -> None:
         "sounds": lambda p: load_audio(p).shape,
         "meshes": lambda p: load_point_cloud(p).shape,
         "clips": lambda p: load_video(p, num_frames=4).shape,
+        "mesh_clips": lambda p: load_video(p, num_frames=4).shape,
+        "mesh_views": lambda p: load_image(p).size,
     }
     for name, load in loaders.items():
         recs = ds.read_items(root / name)

@@ -52,6 +52,7 @@ from mmcompose.assets.datasets.splits import (
 # isort: off
 from mmcompose.assets.datasets import emoji, openclipart, photos  # noqa: F401
 from mmcompose.assets.datasets import spoken, sounds, meshes, clips  # noqa: F401
+from mmcompose.assets.datasets import mesh_renders  # noqa: F401
 
 # isort: on
 
