@@ -91,7 +91,26 @@ def inspect(
         out.print(a)
     else:
         out.print("LoRA: none")
+    if info.get("mmer"):
+        _print_mmer(info["mmer"])
     out.print(f"Total parameters: [bold]{human_count(info['total_params'])}[/]")
+
+
+def _print_mmer(mmer: dict) -> None:
+    from mmcompose.inspect import human_bytes, human_count
+
+    t = Table("modality", "density", "kept", "mask storage",
+              title=f"MMER masks ({mmer['mask_rule']}, lambda {mmer['mask_lambda']:g}, "
+              f"{mmer['merge_method']})")  # fmt: skip
+    for m in mmer["masks"]:
+        t.add_row(m["modality"], f"{m['density']:.1%}", human_count(m["kept"]),
+                  human_bytes(m["bytes"]))  # fmt: skip
+    out.print(t)
+    out.print(
+        f"merged delta: {human_count(mmer['delta_params'])} entries in {mmer['layers']} "
+        f"layers ({', '.join(mmer['target_modules'])}), {human_bytes(mmer['delta_bytes'])} "
+        "(dense)"
+    )
 
 
 @app.command()
@@ -324,10 +343,13 @@ def train(
     """Train a single-modality MLLM (stage 1 projector, stage 2 projector + LoRA).
 
     Under torchrun, runs data-parallel; an interrupted run resumes from OUT.checkpoint."""
-    from mmcompose.train.trainer import load_train_config
+    from mmcompose.fs import refuse_existing
+    from mmcompose.train.config import load_train_config
+
+    cfg, base = load_train_config(config)  # config and output refused before torch
+    refuse_existing(out_dir, force)
     from mmcompose.train.trainer import train as run_train
 
-    cfg, base = load_train_config(config)
     r = run_train(cfg, out_dir, config_dir=base, force=force)
     out.print(
         f"trained {r.steps} steps in {r.seconds:.1f} s, final loss {r.final_loss:.4f}, "
@@ -344,6 +366,11 @@ def align(
     """Train an Alt-MoE connector between frozen unimodal models (alternating directions).
 
     For several processes: torchrun --nproc_per_node N -m mmcompose.align.trainer CONFIG -o OUT"""
+    from mmcompose.fs import refuse_existing
+    from mmcompose.io import load_yaml
+
+    load_yaml(config, "align config")  # a missing or malformed file: refused before torch
+    refuse_existing(out_dir, force)
     from mmcompose.align.trainer import run_align
 
     out.print(run_align(config, out_dir, force=force).summary(), markup=False, highlight=False)
@@ -433,6 +460,14 @@ def evaluate(
             "in a warning (skip).",
         ),
     ] = "fail",
+    continuation: Annotated[
+        str,
+        typer.Option(
+            help="loglikelihood: what is scored after the prompt: lm_eval (the option, as "
+            "lm-evaluation-harness scores it) or end_of_turn (option + end of turn, so a "
+            "prefix like 'cow' does not beat 'cowboy')."
+        ),
+    ] = "lm_eval",
 ) -> None:
     """Evaluate a model; results follow lm-evaluation-harness's JSON layout.
 
@@ -454,6 +489,7 @@ def evaluate(
         log_samples=log_samples,
         limit=limit,
         on_corrupt=on_corrupt,
+        continuation=continuation,
     )
     if not r.main:  # another rank of a torchrun job: rank 0 reports
         return

@@ -5,7 +5,8 @@ A mergekit text-only config (``merge_method``, ``base_model``, ``models``, ``par
 mergekit's conditional form ``[{filter: self_attn, value: 0.5}, {value: 0.3}]`` (first match
 wins, the filter is a substring of the Hugging Face tensor name). The new keys::
 
-    composition: damc          # naivemc | damc; default: from the sources' LoRA strategy
+    composition: damc          # naivemc | damc | mmer; default: from the sources' LoRA strategy
+    mmer: {mask_lambda: 1.0}   # composition: mmer only: the mask rule's lambda (> 0)
     lora_output: adapter       # fold | adapter; naivemc folds merged LoRA deltas by default
     towers:                    # resolve a modality offered by several sources
       image: {source: ./llava-image}
@@ -35,6 +36,8 @@ from pydantic import (
     model_validator,
 )
 
+from mmcompose.compose.masks import MMERSettings
+from mmcompose.compose.method_roles import Roles, roles_of
 from mmcompose.compose.methods import MERGE_METHODS, BoundMerge, MergeMethod
 from mmcompose.errors import ConfigError
 from mmcompose.io import load_yaml, parse_size
@@ -51,8 +54,6 @@ __all__ = [
 ]
 
 Scalar = bool | int | float | str
-# Methods that take no base; all others merge task vectors against ``base_model``.
-BASELESS_METHODS = frozenset({"linear"})
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16"}
 DTYPE_NAMES |= {"bfloat16": "bfloat16", "bf16": "bfloat16"}
 # mergekit keys we know but do not (yet) support, with what to do instead.
@@ -149,7 +150,8 @@ class ComposeConfig(_Strict):
     dtype: str | None = None  # compute dtype: inputs are cast to it (mergekit's meaning)
     out_dtype: str | None = None  # dtype written; default dtype, else the inputs' own
     tokenizer_source: Literal["base", "union"] | Path | None = None
-    composition: Literal["naivemc", "damc"] | None = None
+    composition: Literal["naivemc", "damc", "mmer"] | None = None
+    mmer: MMERSettings | None = None
     lora_output: Literal["fold", "adapter"] | None = None
     towers: dict[str, TowerChoice] = Field(default_factory=dict)
     drop: list[str] = Field(default_factory=list)
@@ -165,6 +167,16 @@ class ComposeConfig(_Strict):
                 if key in data:
                     raise ValueError(f"{key!r}: {why}")
         return data
+
+    @model_validator(mode="after")
+    def _mmer_block(self) -> ComposeConfig:
+        if self.mmer is not None and self.composition != "mmer":
+            raise ValueError("mmer: settings apply only with composition: mmer")
+        return self
+
+    @property
+    def mmer_settings(self) -> MMERSettings:
+        return self.mmer or MMERSettings()
 
     _paths = field_validator("base_model", mode="before")(_resolve_path)
     _settings = field_validator("parameters", mode="before")(
@@ -203,8 +215,19 @@ class ComposeConfig(_Strict):
         return MERGE_METHODS.get(self.merge_method)
 
     @property
+    def roles(self) -> Roles:
+        """What the method needs: a base, weights, a count of models (method_roles)."""
+        return roles_of(self.merge_method)
+
+    @property
     def needs_base(self) -> bool:
-        return self.merge_method not in BASELESS_METHODS
+        """The method uses base_model (if given); linear, karcher, passthrough do not."""
+        return self.roles.base != "none"
+
+    @property
+    def requires_base(self) -> bool:
+        """Full weights cannot be merged without base_model (nuslerp, multislerp can)."""
+        return self.roles.base == "required"
 
     @property
     def merge_entries(self) -> list[ModelEntry]:

@@ -15,7 +15,14 @@ from mmcompose.compose.plan_data import OutputTensor
 from mmcompose.compose.sources import Source
 from mmcompose.errors import CheckpointError, MergeError
 from mmcompose.io import load_json
-from mmcompose.model.config import TEXT_ADAPTER, AdapterSpec, LoRAConfig, MMConfig, TowerConfig
+from mmcompose.model.config import (
+    TEXT_ADAPTER,
+    AdapterSpec,
+    LoRAConfig,
+    MMConfig,
+    MMERConfig,
+    TowerConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +46,17 @@ def output_mmconfig(
     parts: Sequence[Anatomy],
     owners: Mapping[str, int | None],
     lora: LoRAConfig | None,
+    mmer: MMERConfig | None = None,
 ) -> MMConfig:
     """``ref``'s LLM (the base's, else the first source's) with each kept tower from its
-    owner, the output LoRA config and the output dtype."""
+    owner, the output LoRA (or MMER) config and the output dtype."""
     towers: list[TowerConfig] = [
         sources[i].config.tower(m)
         for m, i in owners.items()
         if i is not None and m in parts[i].towers
     ]
     dtype = config.out_dtype or config.dtype or ref.dtype
-    return MMConfig(text_config=ref.text_config, towers=towers, lora=lora, dtype=dtype)
+    return MMConfig(text_config=ref.text_config, towers=towers, lora=lora, mmer=mmer, dtype=dtype)
 
 
 def output_lora(
@@ -59,8 +67,8 @@ def output_lora(
     text_rank: int | None,
 ) -> LoRAConfig | None:
     """The merged ``text`` adapter (rank ``text_rank``, None when folded) and the modality
-    adapters kept from their owners; None when nothing of LoRA is left."""
-    if full or (text_rank is None and mode == "naivemc"):
+    adapters kept from their owners; None when nothing of LoRA is left (mmer folds it)."""
+    if full or (text_rank is None and mode in ("naivemc", "mmer")):
         return None
     first = next(m.config.lora for m in models)
     adapters: dict[str, AdapterSpec] = {}

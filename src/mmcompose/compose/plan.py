@@ -18,6 +18,9 @@ Three regimes, chosen from the sources:
   With ``base_model`` and a task-vector method the base tensors are merged by the method.
 - some source fully fine-tuned: every LLM tensor is merged as a full weight (shared LoRAs
   folded into their source's weights first), with ``base_model`` as base where needed.
+- ``mmer`` (shared LoRA or full fine-tunes over one base): each targeted linear becomes
+  ``W0 + tau*``, ``tau*`` (dense) and one packed mask per modality (:class:`MaskedMerge`,
+  :mod:`~mmcompose.compose.masks`); the LLM's other tensors are made as above.
 
 The parts: :mod:`~mmcompose.compose.inputs` (opening the sources, their tensors by role),
 :mod:`~mmcompose.compose.regime` (the regime, tower owners, output format),
@@ -49,16 +52,25 @@ from mmcompose.compose.plan_data import (
     DenseAdapter,
     Dropped,
     FoldDelta,
+    MaskedMerge,
     MergeWeights,
     OutputTensor,
     Plan,
     Ref,
     Step,
+    TaskVector,
     step_outputs,
 )
-from mmcompose.compose.regime import Mode, choose_regime
+from mmcompose.compose.regime import Mode, choose_regime, mask_owners
 from mmcompose.errors import MergeError
-from mmcompose.model.config import TEXT_ADAPTER, AdapterSpec, LoRAConfig
+from mmcompose.model.config import (
+    DEFAULT_TARGETS,
+    TEXT_ADAPTER,
+    AdapterSpec,
+    LoRAConfig,
+    MMERConfig,
+)
+from mmcompose.model.masked import packed_size
 
 _CONCAT = frozenset({"linear", "task_arithmetic"})  # linear in their inputs: exact as concat
 SAFETENSORS_DTYPES = {
@@ -114,7 +126,7 @@ class _Planner:
         models, glob = resolve_parameters(self.config, self.entries, hf_name)
         key = json.dumps([models, glob], sort_keys=True, default=str)
         if key not in self._bound:
-            if self.mode == "damc":
+            if self.mode == "damc" and self.config.roles.weights:
                 missing = [self.label(i) for i, m in enumerate(models) if m.get("weight") is None]
                 if missing:
                     raise MergeError(
@@ -132,10 +144,19 @@ class _Planner:
     def dtype_of(self, ref: Ref) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.sources[ref.source].dtype(ref.name)]
 
-    def emit(self, step: Step, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, **kw) -> None:
+    def emit(
+        self,
+        step: Step,
+        shapes: Sequence[tuple[int, ...]],
+        dtype: torch.dtype | Sequence[torch.dtype],
+        **kw,
+    ) -> None:
+        """``dtype``: one for every output of the step, or one per output."""
         self.steps.append(step)
-        for name, shape in zip(step_outputs(step), shapes, strict=True):
-            out_dtype = self.out_dtype if self.out_dtype and dtype.is_floating_point else dtype
+        names = step_outputs(step)
+        dtypes = [dtype] * len(names) if isinstance(dtype, torch.dtype) else list(dtype)
+        for name, shape, dt in zip(names, shapes, dtypes, strict=True):
+            out_dtype = self.out_dtype if self.out_dtype and dt.is_floating_point else dt
             self.outputs.append(OutputTensor(name, tuple(shape), out_dtype, **kw))
 
     def drop(self, i: int, name: str, reason: str) -> None:
@@ -156,7 +177,7 @@ class _Planner:
         models = self.sources[: self.n]
         lora = output_lora(models, self.owners, self.mode, self.full, self.text_rank)
         output_config = output_mmconfig(self.config, ref.config, self.sources, self.parts,
-                                        self.owners, lora)  # fmt: skip
+                                        self.owners, lora, self.mmer)  # fmt: skip
         check_shapes(self.outputs, output_config, self.output_format,
                      [self.label(i) for i in range(len(self.sources))])  # fmt: skip
         tokenizer = choose_tokenizer(self.config.tokenizer_source, ref.path, models)
@@ -189,6 +210,10 @@ class _Planner:
 
     # -- the LLM
     def plan_llm(self) -> None:
+        self.mmer: MMERConfig | None = None
+        if self.mode == "mmer":
+            self.plan_mmer()
+            return
         names = self.common_llm_names()
         self.linears = self.lora_linears()
         fold = not self.full and self.mode == "naivemc" and self.config.lora_output != "adapter"
@@ -211,6 +236,54 @@ class _Planner:
                       method=method, note=note)  # fmt: skip
         if not self.full:
             self.plan_adapters(fold)
+
+    def plan_mmer(self) -> None:
+        """MMER: every targeted linear as one :class:`MaskedMerge` (dense: a mask of a LoRA's
+        ``B @ A`` is not low-rank); the LLM's other tensors carried or merged as usual."""
+        names = self.common_llm_names()
+        loras = [self.lora_of(i) for i in self.model_idx]
+        targets = next((lo.target_modules for lo in loras if lo is not None), DEFAULT_TARGETS)
+        owners = mask_owners(self.owners, self.parts)
+        lam = self.config.mmer_settings.mask_lambda
+        for name in names:
+            lin = name.removesuffix(".weight")
+            shape = self.sources[0].shape(name)
+            leaf = lin.rsplit(".", 1)[-1]
+            if not (name.endswith(".weight") and len(shape) == 2 and leaf in targets):
+                base_step, sources, method = self.base_step(name)
+                action = "carried" if isinstance(base_step, Carry) else "merged"
+                note = "identical in every source (verified)" if action == "carried" else ""
+                self.emit(base_step, [shape], self.merge_dtype([Ref(i, name) for i in sources]),
+                          action=action, sources=tuple(sources), method=method,
+                          note=note)  # fmt: skip
+                continue
+            deltas = [self.delta(i, lin, TEXT_ADAPTER) for i in self.model_idx]
+            if not self.full:
+                self.text_deltas(lin)  # every LoRA source adapts it (else a clear error)
+                others = tuple(Ref(i, name) for i in range(1, len(self.sources)))
+                base = Carry(self.out_name(name), Ref(0, name), others)
+            else:
+                base = Carry(self.out_name(name), Ref(self.base_idx, name))  # type: ignore[arg-type]
+            tvs = tuple(TaskVector(Ref(i, name) if self.full else None, d)
+                        for i, d in zip(self.model_idx, deltas, strict=True))  # fmt: skip
+            masks = tuple((f"{lin}.mmer.mask.{m}", m, i) for m, i in owners.items())
+            step = MaskedMerge(self.out_name(name), f"{lin}.mmer.delta", masks, base, tvs,
+                               self.bound(_hf(name)), lam)  # fmt: skip
+            refs = [Ref(i, name) for i in range(len(self.sources))]
+            refs += [r for d in deltas if d is not None for r in (d.a, d.b)]
+            dtype = self.merge_dtype(refs)
+            packed = (packed_size(shape[0] * shape[1]),)
+            self.emit(step, [shape, shape, *[packed] * len(masks)],
+                      [dtype, dtype, *[torch.uint8] * len(masks)], action="merged",
+                      sources=tuple(sorted({*self.model_idx, base.ref.source})),
+                      method=self.config.merge_method,
+                      note=f"mmer: W0 + tau*, tau*, masks of {', '.join(owners)}")  # fmt: skip
+        self.mmer = MMERConfig(modalities=tuple(owners), target_modules=tuple(targets),
+                               mask_lambda=lam, merge_method=self.config.merge_method)  # fmt: skip
+        self.notes.append(
+            f"mmer: masks |tau_i| >= {lam:g} * |tau* - tau_i| for {', '.join(owners)} on "
+            f"{', '.join(targets)}; dense deltas (a masked B @ A is not low-rank)"
+        )
 
     def common_llm_names(self) -> list[str]:
         """LLM base tensors, which must be the same set in every source (unless dropped)."""

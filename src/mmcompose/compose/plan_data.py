@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from mmcompose.inspect import human_bytes
+
 if TYPE_CHECKING:
     import torch
 
@@ -90,12 +92,39 @@ class DenseAdapter:
     rank: int
 
 
-Step = Carry | MergeWeights | FoldDelta | ConcatAdapter | DenseAdapter
+@dataclass(frozen=True)
+class TaskVector:
+    """One source's task vector on one linear: ``weight - W0`` (a full fine-tune) plus its
+    shared LoRA's ``delta``; a LoRA-only source has just the delta."""
+
+    weight: Ref | None
+    delta: Delta | None
+
+
+@dataclass(frozen=True)
+class MaskedMerge:
+    """MMER on one linear: ``out = W0 + tau*``, ``out_delta = tau*`` with ``tau*`` the method
+    over the task vectors (``base=None``), and per ``(name, modality, i)`` in ``out_masks`` the
+    packed mask of ``task_vectors[i]`` against ``tau*`` (:func:`~mmcompose.compose.masks.
+    tall_mask`). ``base`` yields W0 (verified identical across its ``same_as``)."""
+
+    out: str
+    out_delta: str
+    out_masks: tuple[tuple[str, str, int], ...]
+    base: Carry
+    task_vectors: tuple[TaskVector, ...]
+    merge: BoundMerge
+    mask_lambda: float
+
+
+Step = Carry | MergeWeights | FoldDelta | ConcatAdapter | DenseAdapter | MaskedMerge
 
 
 def step_outputs(step: Step) -> tuple[str, ...]:
     if isinstance(step, ConcatAdapter | DenseAdapter):
         return (step.out_a, step.out_b)
+    if isinstance(step, MaskedMerge):
+        return (step.out, step.out_delta, *(name for name, _, _ in step.out_masks))
     return (step.out,)
 
 
@@ -133,7 +162,7 @@ class Plan:
     config: ComposeConfig
     sources: list[Source]
     labels: list[str]  # one per source: its path (and role)
-    mode: str  # naivemc | damc | full
+    mode: str  # naivemc | damc | mmer
     output_config: MMConfig
     output_format: Literal["mmcompose", "hf"]
     steps: list[Step]
@@ -168,15 +197,7 @@ class Plan:
             f"towers: {', '.join(cfg.modalities) or '(none)'}",
             f"adapters: {', '.join(adapters) or '(none, LoRA folded or absent)'}"
             + (f" [{cfg.lora.strategy}]" if cfg.lora else ""),
-            f"output: {self.output_format} folder, {_human(self.total_bytes)}",
+            f"output: {self.output_format} folder, {human_bytes(self.total_bytes)}",
             *self.notes,
         ]
         return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

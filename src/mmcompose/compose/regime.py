@@ -1,7 +1,8 @@
 """The regime of a composition, chosen from the sources' configs before any tensor is planned.
 
 Which sources can be composed at all (one LLM family and size, one set of LoRA targets), the
-composition (``naivemc``/``damc``, or full weights when some source is a full fine-tune), the
+composition (``naivemc``/``damc``/``mmer``, or full weights when some source is a full
+fine-tune), the
 one source each modality's tower and adapter come from, and the output folder's format. Every
 ambiguity is refused with a :class:`MergeError` naming the config key that resolves it.
 """
@@ -14,11 +15,12 @@ from typing import Literal
 
 from mmcompose.compose.config import ComposeConfig
 from mmcompose.compose.inputs import Anatomy, same_path
+from mmcompose.compose.method_roles import LORA_HINT
 from mmcompose.compose.sources import Source
 from mmcompose.errors import MergeError
 from mmcompose.model.config import TEXT_ADAPTER
 
-Mode = Literal["naivemc", "damc"]
+Mode = Literal["naivemc", "damc", "mmer"]
 OutputFormat = Literal["mmcompose", "hf"]
 
 
@@ -50,6 +52,8 @@ def choose_regime(
     mode, full, notes = choose_mode(config, models, describe)
     check_lora_sources(config, models, full, base_idx)
     owners = resolve_towers(config, models, parts)
+    if mode == "mmer":
+        check_mmer(config, full, base_idx, owners, parts)
     output_format = choose_format(config, mode, full, owners)
     return Regime(mode, full, owners, output_format, tuple(notes))
 
@@ -75,6 +79,28 @@ def choose_mode(
     strategies = {lora.strategy if lora else None for lora in loras}
     full = None in strategies
     mode = config.composition
+    composed = [describe[i] for i, m in enumerate(models) if m.config.mmer is not None]
+    if composed:
+        raise MergeError(
+            "an MMER composition cannot be a source (its masks belong to its own sources): "
+            + "; ".join(composed),
+            hint="compose the original single-modality models instead",
+        )
+    if mode == "mmer" and "decoupled" in strategies:
+        bad = [describe[i] for i, lora in enumerate(loras) if lora and lora.strategy != "shared"]
+        raise MergeError(
+            "mmer decouples shared (NaiveMC-style) sources by masks; these are "
+            "decoupled-trained: " + "; ".join(bad),
+            hint="use composition: damc for decoupled sources (they already route modality "
+            "tokens to their own adapters)",
+        )
+    if mode == "mmer" and config.lora_output == "adapter":
+        raise MergeError(
+            "lora_output: adapter cannot be used with mmer: a mask of B @ A is not low-rank, "
+            "so mmer stores merged weights and a dense delta (the lambda search, which keeps a "
+            "text adapter, is not available for mmer either)",
+            hint="remove lora_output (and --search) for composition: mmer",
+        )
     if mode is None:
         if strategies == {"shared", "decoupled"}:
             raise MergeError(
@@ -126,15 +152,17 @@ def check_lora_sources(
     for k, v in loras.items():
         if TEXT_ADAPTER not in v.adapters:
             raise MergeError(f"{k} has no {TEXT_ADAPTER!r} adapter to merge")
+    if not full and config.roles.lora is not None:  # every source is LoRA: deltas only
+        raise MergeError(config.roles.lora, hint=LORA_HINT)
     needs_base = config.needs_base
-    if full and needs_base and base_idx is None:
+    if full and config.requires_base and base_idx is None:
         raise MergeError(
             f"{config.merge_method} merges task vectors of full fine-tunes and needs base_model",
             hint="set base_model: PATH (the LLM the models were fine-tuned from)",
         )
     if not needs_base and base_idx is not None and base_idx >= len(models) and full:
         raise MergeError(
-            "linear gives base_model no role",
+            f"{config.merge_method} gives base_model no role",
             hint="list the base under models (with a weight) to average it in, or remove "
             "base_model",
         )
@@ -189,12 +217,38 @@ def choose_format(
     """``hf`` holds only an LLM; ``auto`` picks it for a text-only result."""
     fmt = config.output_format
     lora_kept = not full and (mode == "damc" or config.lora_output == "adapter")
-    multimodal = any(o is not None for o in owners.values()) or lora_kept
+    multimodal = any(o is not None for o in owners.values()) or lora_kept or mode == "mmer"
     if fmt == "hf" and multimodal:
         raise MergeError(
-            "output_format: hf cannot hold towers or adapters",
+            "output_format: hf cannot hold towers, adapters or masks",
             hint="use output_format: mmcompose (or auto)",
         )
     if fmt == "auto":
         return "mmcompose" if multimodal else "hf"
     return fmt
+
+
+def mask_owners(owners: dict[str, int | None], parts: Sequence[Anatomy]) -> dict[str, int]:
+    """Modality -> the source whose task vector its mask is made from: the owner of its tower."""
+    return {m: i for m, i in owners.items() if i is not None and m in parts[i].towers}
+
+
+def check_mmer(
+    config: ComposeConfig,
+    full: bool,
+    base_idx: int | None,
+    owners: dict[str, int | None],
+    parts: Sequence[Anatomy],
+) -> None:
+    """A common base for the task vectors, and at least one modality to decouple."""
+    if full and base_idx is None:
+        raise MergeError(
+            "mmer takes task vectors against a common base, and some sources are full "
+            "fine-tunes: base_model is needed",
+            hint="set base_model: PATH (the LLM every source was fine-tuned from)",
+        )
+    if not mask_owners(owners, parts):
+        raise MergeError(
+            "mmer has no modality to decouple: no kept source has a tower",
+            hint="compose single-modality MLLMs, or use composition: naivemc for text-only models",
+        )

@@ -13,6 +13,7 @@ _EXPORTS = {
     "AdapterSpec": "config",
     "LoRAConfig": "config",
     "MMConfig": "config",
+    "MMERConfig": "config",
     "ModuleSpec": "config",
     "TowerConfig": "config",
     "ENCODERS": "encoders",

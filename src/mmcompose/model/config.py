@@ -100,6 +100,28 @@ class LoRAConfig(_Strict):
         return TEXT_ADAPTER if TEXT_ADAPTER in self.adapters else None
 
 
+class MMERConfig(_Strict):
+    """An MMER composition (Li et al., ACL 2025, arXiv 2505.17110): every ``target_modules``
+    linear holds the merged weight ``W0 + tau*`` (text tokens), the merged task vector ``tau*``
+    and one binary mask per modality in ``modalities``; that modality's tokens (prefix and
+    suffix included) use ``W0 + mask * tau*``. ``mask_rule``/``mask_lambda``/``merge_method``
+    record how the masks were made (see :mod:`mmcompose.compose.masks`)."""
+
+    modalities: tuple[str, ...] = Field(min_length=1)
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    mask_rule: Literal["tall"] = "tall"
+    mask_lambda: float = Field(gt=0, allow_inf_nan=False)
+    merge_method: str | None = None
+
+    @field_validator("modalities")
+    @classmethod
+    def _canonical(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(canonical_modality(m) for m in v)
+        if len(set(names)) != len(names):
+            raise ValueError(f"a modality is listed twice in {list(names)}")
+        return names
+
+
 class MMConfig(_Strict):
     """The composed model: one LLM, any number of modality towers, optional LoRA."""
 
@@ -109,6 +131,7 @@ class MMConfig(_Strict):
     text_config: dict[str, Any]
     towers: list[TowerConfig] = Field(default_factory=list)
     lora: LoRAConfig | None = None
+    mmer: MMERConfig | None = None
     dtype: str = "float32"
 
     @field_validator("text_config")
@@ -127,6 +150,17 @@ class MMConfig(_Strict):
         dup = {m for m in seen if seen.count(m) > 1}
         if dup:
             raise ValueError(f"more than one tower for modality {sorted(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _mmer(self) -> MMConfig:
+        if self.mmer is None:
+            return self
+        if self.lora is not None:
+            raise ValueError("mmer and lora cannot both be set: an MMER model holds no adapters")
+        missing = sorted(set(self.mmer.modalities) - set(self.modalities))
+        if missing:
+            raise ValueError(f"mmer masks modalities without a tower: {missing}")
         return self
 
     @property
@@ -180,7 +214,10 @@ class MMConfig(_Strict):
         return cls.from_dict(data, source=str(f))
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+        data = self.model_dump(mode="json")
+        if data.get("mmer") is None:  # configs without MMER stay as they were written before
+            data.pop("mmer", None)
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
 
 def _brief(e: ValidationError) -> str:

@@ -112,6 +112,16 @@ class MMComposeForCausalLM(nn.Module):
                 raise ConfigError(
                     f"no linear layer of the LLM matches target_modules {list(lora.target_modules)}"
                 )
+        if config.mmer is not None:  # MMER: per-modality masks over one merged delta
+            from mmcompose.model.masked import inject_masked_deltas, mmer_routes
+
+            self.router.route_to_adapter = mmer_routes(config.mmer)
+            self.router.set_routes(None)
+            if not inject_masked_deltas(self.language_model, self.router, config.mmer):
+                raise ConfigError(
+                    "no linear layer of the LLM matches mmer.target_modules "
+                    f"{list(config.mmer.target_modules)}"
+                )
 
     # ------------------------------------------------------------------ properties
     @property
