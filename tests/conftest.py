@@ -12,6 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``MMCOMPOSE_TEST_THREADS=N`` runs the suite with N torch threads (and N OpenMP threads
+    in the subprocesses it starts), to check that no result depends on the thread count:
+    float32 reductions split over threads sum in another order, which the tolerances (see
+    ``mmcompose.testing.float_tol``) must absorb."""
+    threads = os.environ.get("MMCOMPOSE_TEST_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+        os.environ.setdefault("OMP_NUM_THREADS", threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A decoupled (DAMC-style) tiny model with all four towers, saved to disk."""

@@ -19,7 +19,15 @@ from mmcompose.errors import (
 from mmcompose.model import MMComposeForCausalLM, MMConfig, MMProcessor, ModuleSpec, TowerConfig
 from mmcompose.model.lora import LoRAAdapter, LoRALinear, lora_layers
 from mmcompose.model.splice import IGNORE_INDEX, ROUTE_IDS, SENTINELS
-from mmcompose.testing import build_tiny_model, tiny_inputs
+from mmcompose.testing import (
+    ALGEBRAIC_RTOL,
+    assert_algebraically_equal,
+    assert_float_close,
+    build_tiny_model,
+    float64_model,
+    tiny_inputs,
+    to_float64,
+)
 
 PROMPTS = [
     "Look: <image> and <audio>. What do they share?",
@@ -40,6 +48,14 @@ def batch_for(proc: MMProcessor, prompts=PROMPTS, seed=0, **kw):
 @pytest.fixture(scope="module")
 def decoupled():
     return build_tiny_model(strategy="decoupled", seed=1)
+
+
+@pytest.fixture(scope="module")
+def decoupled64():
+    """The same model in float64, for claims of algebraic equality (float32 rounding differs
+    between CPUs; float64 rounding is ~1e-14, far below any real discrepancy)."""
+    model, proc = build_tiny_model(strategy="decoupled", seed=1)
+    return float64_model(model), proc
 
 
 def test_splice_places_blocks_in_order_with_ignored_labels(decoupled):
@@ -155,9 +171,9 @@ def _masked_mlp_forward(self: LlamaMLP, x):
     return out
 
 
-def test_decoupled_routing_matches_masked_reference(decoupled, monkeypatch):
-    model, proc = decoupled
-    batch = batch_for(proc, padding_side="left")
+def test_decoupled_routing_matches_masked_reference(decoupled64, monkeypatch):
+    model, proc = decoupled64
+    batch = to_float64(batch_for(proc, padding_side="left"))
     kw = dict(padding_side="left")
 
     seen: dict[str, list[int]] = {}
@@ -196,8 +212,9 @@ def test_decoupled_routing_matches_masked_reference(decoupled, monkeypatch):
     monkeypatch.setattr(LlamaMLP, "forward", _masked_mlp_forward)
     with torch.no_grad():
         ref_mlp = model(**batch, **kw).logits
-    torch.testing.assert_close(routed, ref_linear, atol=1e-5, rtol=0)
-    torch.testing.assert_close(routed, ref_mlp, atol=1e-5, rtol=0)
+    # Dispatch vs masking is algebraic (float64 ~1e-14); a misrouted adapter moves logits O(1).
+    assert_algebraically_equal(routed, ref_linear)
+    assert_algebraically_equal(routed, ref_mlp)
     # And the adapters matter: without them the logits differ.
     with torch.no_grad():
         for _, layer in lora_layers(model):
@@ -212,13 +229,15 @@ def test_decoupled_routing_matches_masked_reference(decoupled, monkeypatch):
 
 def test_shared_lora_equals_merged_weights():
     model, proc = build_tiny_model(strategy="shared", seed=2)
-    batch = batch_for(proc)
+    float64_model(model)  # W x + s B A x == (W + s B A) x is algebraic: check it in float64
+    batch = to_float64(batch_for(proc))
     with torch.no_grad():
         before = model(**batch).logits
         for _, layer in lora_layers(model):
             layer.merge_adapter("text")
         after = model(**batch).logits
-    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+    # float64 rounding ~1e-14 relative; a 1% error in one layer's merge moves logits by 5e-2
+    assert_algebraically_equal(after, before)
 
 
 @pytest.mark.parametrize("strategy", ["decoupled", "shared", "decoupled-no-audio-adapter"])
@@ -231,13 +250,15 @@ def test_fold_for_inference_keeps_outputs_and_refuses_saving(strategy, tmp_path)
         for _, layer in lora_layers(model):
             del layer.lora["audio"]
         model.router.route_to_adapter[ROUTE_IDS["audio"]] = None
-    batch = batch_for(proc)
+    float64_model(model)  # folding is algebraic: W + dW_m == (W + dW_t) + (dW_m - dW_t)
+    batch = to_float64(batch_for(proc))
     with torch.no_grad():
         before = model(**batch).logits
         model.fold_for_inference()
         after = model(**batch).logits
-    torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
-    assert (before - after).abs().max() < 1e-3 * before.abs().max()
+    # float64 rounding ~1e-14 relative; a wrong difference adapter moves logits by >= 1e-2
+    assert_algebraically_equal(after, before)
+    assert (before - after).abs().max() < ALGEBRAIC_RTOL * before.abs().max()  # same, relative
     names = {n for _, layer in lora_layers(model) for n in layer.lora}
     expected = {
         "decoupled": {"image", "audio", "video", "point"},
@@ -277,18 +298,21 @@ def test_gradients_reach_trainables_not_frozen_encoder(decoupled):
 
 
 # ---------------------------------------------------------------- generation
-def test_batched_generation_matches_single_and_uncached(decoupled):
-    model, proc = decoupled
-    batch = batch_for(proc)
+def test_batched_generation_matches_single_and_uncached(decoupled64):
+    # Greedy tokens: padded batches, single rows and recomputation round differently, and in
+    # float32 a near tie of the two best logits could flip on another CPU; in float64 such a
+    # flip would need a tie to ~1e-14.
+    model, proc = decoupled64
+    batch = to_float64(batch_for(proc))
     gen = model.generate(**batch, max_new_tokens=6, eos_token_id=[])
     assert gen.shape == (3, 6)
     raw = tiny_inputs()
     for i, p in enumerate(PROMPTS):
         inputs = {m: [raw[m]] * p.count(f"<{m}>") for m in raw}
-        single = proc([p], inputs)
+        single = to_float64(proc([p], inputs))
         assert torch.equal(model.generate(**single, max_new_tokens=6, eos_token_id=[])[0], gen[i])
     # No-cache greedy decoding (full recompute each step) gives the same tokens.
-    single = proc([PROMPTS[0]], {"image": [raw["image"]], "audio": [raw["audio"]]})
+    single = to_float64(proc([PROMPTS[0]], {"image": [raw["image"]], "audio": [raw["audio"]]}))
     ids, mask = single["input_ids"], single["attention_mask"]
     toks = []
     with torch.no_grad():
@@ -307,7 +331,7 @@ def test_sampling_is_seeded(decoupled):
     kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, top_k=50)
     a = model.generate(**batch, seed=7, **kw)
     b = model.generate(**batch, seed=7, **kw)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b)  # same seed, model, inputs and kernels: bit-exact
     c = [model.generate(**batch, seed=s, **kw) for s in range(8, 12)]
     assert any(not torch.equal(a, x) for x in c)
 
@@ -334,7 +358,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, decoupled):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     proc2 = MMProcessor.from_pretrained(path)
     batch = batch_for(proc2)
-    assert torch.equal(
+    assert torch.equal(  # bit-exact weights (checked above), same inputs and kernels
         model.generate(**batch, max_new_tokens=5), loaded.generate(**batch, max_new_tokens=5)
     )
     assert loaded.language_model.get_output_embeddings().weight is (
@@ -418,10 +442,10 @@ def test_adapter_modules_are_lora(decoupled):
     )
 
 
-def test_score_continuations_matches_full_forward(decoupled):
-    model, proc = decoupled
+def test_score_continuations_matches_full_forward(decoupled64):
+    model, proc = decoupled64  # float64 network: packing vs separate rows is algebraic
     raw = tiny_inputs()
-    batch = proc(["<image> name it"], {"image": [raw["image"]]})
+    batch = to_float64(proc(["<image> name it"], {"image": [raw["image"]]}))
     conts = [[40, 41, 42], [50], [60, 61]]
     scores = model.score_continuations(
         batch["input_ids"], conts, batch["attention_mask"], batch["modal_inputs"]
@@ -429,10 +453,14 @@ def test_score_continuations_matches_full_forward(decoupled):
     for c, s in zip(conts, scores, strict=True):
         ids = torch.cat([batch["input_ids"], torch.tensor([c])], dim=1)
         with torch.no_grad():
-            logp = model(ids, modal_inputs=batch["modal_inputs"]).logits.log_softmax(-1)[0]
+            logits = model(ids, modal_inputs=batch["modal_inputs"]).logits
+            logp = logits.log_softmax(-1)[0]
         n = len(c)
         ref = sum(logp[-n - 1 + j, c[j]] for j in range(n))
-        torch.testing.assert_close(s, ref, atol=1e-4, rtol=1e-5)
+        # Scoring rounds its logits to float32 for log_softmax: n terms, each off by a few
+        # float32 eps of the largest logit or log-prob; the network itself is float64.
+        mag = float(logits.abs().max() + logp.abs().max())
+        assert_float_close(s, ref, n_terms=n, magnitude=mag)
     assert scores.shape == (3,) and len(set(scores.tolist())) == 3
 
 

@@ -25,6 +25,7 @@ from mmcompose.model.encoders import (
     build_encoder,
     no_pretrained_weights,
 )
+from mmcompose.testing import float_tol
 
 SHAPES = ("sphere", "cube", "disc")
 
@@ -91,15 +92,17 @@ def test_augmentation_turns_about_z_and_normalises() -> None:
     out = P.augment_cloud(pts, 200, plain, np.random.default_rng(5)).numpy().astype(np.float64)
     ref = PointNetEncoder.preprocess(pts, PointNetParams(num_points=200)).numpy()
     assert out.shape == (200, 3)
-    assert np.isclose(np.linalg.norm(out, axis=1).max(), 1.0, atol=1e-5)
+    tol = float_tol(np.float32, 1.0, n_terms=3)  # float32 rotations/norms of 3-vectors <= 1
+    assert np.isclose(np.linalg.norm(out, axis=1).max(), 1.0, atol=tol)
     # A turn about z keeps each point's height and distance from the z axis.
-    np.testing.assert_allclose(np.sort(out[:, 2]), np.sort(ref[:, 2]), atol=1e-5)
+    np.testing.assert_allclose(np.sort(out[:, 2]), np.sort(ref[:, 2]), atol=tol)
     np.testing.assert_allclose(
-        np.sort(np.hypot(out[:, 0], out[:, 1])), np.sort(np.hypot(ref[:, 0], ref[:, 1])), atol=1e-5
+        np.sort(np.hypot(out[:, 0], out[:, 1])), np.sort(np.hypot(ref[:, 0], ref[:, 1])), atol=tol
     )
+    # the turn moves x by O(0.1), far above rounding
     assert not np.allclose(np.sort(out[:, 0]), np.sort(ref[:, 0]), atol=1e-3)
     again = P.augment_cloud(pts, 200, plain, np.random.default_rng(5)).numpy()
-    assert np.array_equal(again, out.astype(np.float32))
+    assert np.array_equal(again, out.astype(np.float32))  # same seed, same ops: exact
 
 
 def test_architecture_is_fixed_and_missing_asset_names_the_command(

@@ -7,7 +7,13 @@ import torch
 
 from mmcompose.model.modeling import ScoreRequest
 from mmcompose.model.scoring import allowed_attention, batches_by_tokens, pack_continuations
-from mmcompose.testing import build_tiny_model, tiny_inputs
+from mmcompose.testing import (
+    assert_float_close,
+    build_tiny_model,
+    float64_model,
+    tiny_inputs,
+    to_float64,
+)
 
 
 def test_pack_layout_feeds_all_but_last_token_and_points_queries_back():
@@ -51,16 +57,19 @@ def test_pack_rejects_empty():
         pack_continuations(0, [[1]])
 
 
-def _reference(model, ids: torch.Tensor, conts, modal) -> list[float]:
-    """One full forward per continuation, as lm-evaluation-harness scores options."""
-    out = []
+def _reference(model, ids: torch.Tensor, conts, modal) -> tuple[list[float], list[float]]:
+    """One full forward per continuation, as lm-evaluation-harness scores options; also the
+    largest logit + log-prob magnitude (the size of what scoring rounds to float32)."""
+    out, mags = [], []
     for c in conts:
         full = torch.cat([ids.reshape(1, -1), torch.tensor([c])], dim=1)
         with torch.no_grad():
-            logp = model(full, modal_inputs=modal).logits.log_softmax(-1)[0]
+            logits = model(full, modal_inputs=modal).logits
+            logp = logits.log_softmax(-1)[0]
         n = len(c)
         out.append(float(sum(logp[-n - 1 + j, c[j]] for j in range(n))))
-    return out
+        mags.append(float(logits.abs().max() + logp.abs().max()))
+    return out, mags
 
 
 @pytest.mark.parametrize(
@@ -71,6 +80,7 @@ def test_score_requests_equal_one_forward_per_option(family, strategy):
     shared prefixes, batched under a budget that splits them: every score equals the
     unpacked reference."""
     model, proc = build_tiny_model(["image", "audio"], strategy=strategy, family=family)
+    float64_model(model)  # packed vs one forward per option is algebraic: float64 network
     raw = [tiny_inputs(s) for s in range(3)]
     prompts = [
         ("<image> what is this", {"image": [raw[0]["image"]]}),
@@ -81,14 +91,18 @@ def test_score_requests_equal_one_forward_per_option(family, strategy):
         ("hello", {}),
     ]
     conts = [[[40, 41, 42], [40, 41], [50]], [[60], [61, 62, 63, 64]], [[7, 8], [7, 9], [7]]]
-    reqs, refs = [], []
+    reqs, refs, mags = [], [], []
     for (text, media), cs in zip(prompts, conts, strict=True):
         b = proc([text], media or None)
-        modal = b.get("modal_inputs") or None
+        modal = to_float64(b.get("modal_inputs") or None)
         reqs.append(ScoreRequest(b["input_ids"][0], cs, modal))
-        refs.append(_reference(model, b["input_ids"], cs, modal))
+        r, m = _reference(model, b["input_ids"], cs, modal)
+        refs.append(r)
+        mags.append(max(m))
     for budget in (4096, 40):  # all in one batch; one row per batch
         got = model.score_requests(reqs, max_tokens=budget)
-        for g, r in zip(got, refs, strict=True):
-            torch.testing.assert_close(g, torch.tensor(r), atol=1e-4, rtol=1e-5)
+        for g, r, m, cs in zip(got, refs, mags, conts, strict=True):
+            # scoring rounds logits to float32 for log_softmax: a few eps per summed token
+            n = max(map(len, cs))
+            assert_float_close(g, torch.tensor(r, dtype=torch.float64), n_terms=n, magnitude=m)
     assert len({round(x, 4) for x in refs[0]}) == 3  # the options really differ

@@ -235,3 +235,197 @@ def compose_config(
         for p, w in zip(paths, weights or [None] * len(paths), strict=True)
     ]
     return {"merge_method": method, "models": models, **extra}
+
+
+# ---------------------------------------------------------------- numeric tolerances
+#: Safety factor of :func:`float_tol` over the statistical rounding estimate. The rounding
+#: errors of an n-term reduction add like a random walk (``eps * sqrt(n)`` relative to the
+#: terms' size); 8 covers the few roundings stacked per element (multiply, add, activation)
+#: and the spread between kernels (SIMD widths, FMA, blocked or threaded summation orders).
+#: Tolerances stay orders of magnitude below what a real defect changes (1e-3..1 relative).
+TOL_K = 8.0
+
+#: Relative tolerance for float64 comparisons of algebraically equal computations (about
+#: 4500 float64 eps): rounding of our tiny networks in float64 is ~1e-14 relative, while a
+#: wrong adapter, merge or mask changes outputs by 1e-3 or more.
+ALGEBRAIC_RTOL = 1e-12
+
+
+def eps(dtype: Any) -> float:
+    """Machine epsilon of a torch or numpy floating dtype (float32: 1.19e-7)."""
+    import numpy as np
+
+    if isinstance(dtype, torch.dtype):
+        return torch.finfo(dtype).eps
+    return float(np.finfo(dtype).eps)
+
+
+def float_tol(dtype: Any, magnitude: float = 1.0, n_terms: int = 1, k: float = TOL_K) -> float:
+    """Absolute tolerance between two computations of one value in ``dtype`` that differ only
+    in rounding (kernel choice, summation order, thread count), not in what they compute:
+    ``k * eps(dtype) * magnitude * sqrt(n_terms)``.
+
+    ``magnitude``: size of the terms that are summed (e.g. the largest value involved);
+    ``n_terms``: length of the longest reduction (dot-product length, number of tensors
+    summed). Derived from the dtype and the values, never from what one CPU produced."""
+    return k * eps(dtype) * float(magnitude) * float(n_terms) ** 0.5
+
+
+def llm_tol(
+    text_config: Any, magnitude: float, dtype: Any = torch.float32, k: float = TOL_K
+) -> float:
+    """Tolerance between two runs of one composed model in ``dtype`` that differ only in
+    rounding (batching, packing, kernel choice), for outputs of size ``magnitude``.
+
+    Each of the LLM's layers (plus the tower and head) reduces over about
+    ``intermediate_size`` terms and rounds at the values' scale, and those errors add along
+    the network: :func:`float_tol` with ``intermediate_size * (layers + 1)`` terms. Prefer
+    a float64 comparison (:func:`float64_model`) where the claim is algebraic equality."""
+    width = int(text_config["intermediate_size"])
+    depth = int(text_config["num_hidden_layers"]) + 1
+    return float_tol(dtype, magnitude, n_terms=width * depth, k=k)
+
+
+def assert_float_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    n_terms: int = 1,
+    k: float = TOL_K,
+    magnitude: float | None = None,
+    dtype: torch.dtype | None = None,
+    msg: str | None = None,
+) -> None:
+    """``assert_close`` with ``atol = float_tol(dtype, magnitude, n_terms, k)``, rtol 0.
+
+    ``magnitude`` defaults to the largest absolute value in ``expected``. The rounding allowed
+    is that of ``dtype``, by default the less precise of the two tensors' dtypes (pass it when
+    a float32 computation is compared in float64); values are compared in the more precise."""
+    coarse, fine = sorted((actual.dtype, expected.dtype), key=eps, reverse=True)
+    coarse = dtype or coarse
+    if magnitude is None:
+        magnitude = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    tol = float_tol(coarse, magnitude, n_terms, k)
+    torch.testing.assert_close(actual.to(fine), expected.to(fine), atol=tol, rtol=0.0, msg=msg)
+
+
+def assert_algebraically_equal(
+    actual: torch.Tensor, expected: torch.Tensor, *, msg: str | None = None
+) -> None:
+    """Two float64 computations that are equal in exact arithmetic agree to
+    :data:`ALGEBRAIC_RTOL` of the largest value (float32 inputs are refused: there the claim
+    would be blurred by float32 rounding; build the model with ``.double()``)."""
+    for t in (actual, expected):
+        if t.dtype != torch.float64:
+            raise TypeError(f"compare algebraic equality in float64, got {t.dtype}")
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, atol=ALGEBRAIC_RTOL * scale, rtol=0.0, msg=msg)
+
+
+def to_float64(batch: Any) -> Any:
+    """``batch`` (nested dicts/lists/tuples of tensors) with floating tensors in float64, to
+    feed a model converted with ``.double()``; integer tensors (ids, masks) stay as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.double() if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: to_float64(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_float64(v) for v in batch)
+    return batch
+
+
+def float64_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.double()``, with the Hugging Face RMSNorm layers in it computing in float64.
+
+    Those layers upcast to float32 and back (to protect half precision); in a float64 model
+    that rounds every normalised hidden state to float32, so a 1e-15 difference between two
+    algebraically equal computations would now and then, depending on the CPU, cross a
+    float32 rounding boundary and surface as a 1e-7 one. The replacement is the same formula
+    in the input's dtype, bound on each instance (the classes are left alone)."""
+    import types
+
+    def _rms_norm(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    model.double()
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm, module)
+    return model
+
+
+def save_tiny_aligned_model(folder: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """An untrained Alt-MoE connector between a random ``patch_embed`` image encoder and MiniLM
+    text, saved as ``mmcompose align`` writes it: enough for ``index`` / ``search`` tests (an
+    image gallery never loads the text encoder)."""
+    from safetensors.torch import save_file
+
+    from mmcompose.align.moe import AltMoEConnector, ConnectorConfig
+    from mmcompose.fs import write_json_atomic
+
+    torch.manual_seed(seed)
+    cfg = ConnectorConfig(
+        hidden=16,
+        num_experts=2,
+        top_k=1,
+        modalities={"image": 32, "text": 384},
+        directions=(("image", "text"), ("text", "image")),
+    )
+    connector = AltMoEConnector(cfg)
+    image = {"name": "patch_embed", "params": {"image_size": image_size, "patch_size": 8}}
+    folder.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in connector.state_dict().items()}, folder / "model.safetensors"
+    )
+    meta = {
+        "format": 1,
+        "kind": "alt-moe",
+        "connector": cfg.model_dump(mode="json"),
+        "encoders": {
+            "image": {**image, "params": {**image["params"], "width": 32}},
+            "text": {"name": "minilm"},
+        },
+        "space": "cl",
+        "text_field": "caption",
+    }
+    write_json_atomic(folder / "config.json", meta)
+    return folder
+
+
+def plant_pickle_payload(path: Path, marker: Path) -> Path:
+    """Write ``path`` as a torch pickle that creates ``marker`` when unpickled, as a malicious
+    checkpoint would run its code: tests show that no loader ever executes it."""
+
+    class _Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (open, (str(marker), "w"))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params": _Payload()}, path)
+    return path
+
+
+def plant_bad_checkpoint(folder: Path, case: str, marker: Path) -> Path:
+    """A checkpoint folder a resume must refuse without running code; returns the bad file.
+
+    ``case``: ``state.pt`` / ``checkpoint.pt`` (an old pickle checkpoint), ``tensors`` (a
+    pickle as ``state.safetensors``, with a header whose SHA-256 matches it, so the
+    safetensors parser meets it) or ``json`` (a pickle as ``state.json``).
+    """
+    from safetensors.torch import save_file
+
+    from mmcompose.checkpoint import LEGACY_NAMES, META_NAME, TENSORS_NAME
+    from mmcompose.fs import sha256_file, write_json_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if case in LEGACY_NAMES:
+        return plant_pickle_payload(folder / case, marker)
+    if case == "tensors":
+        bad = plant_pickle_payload(folder / TENSORS_NAME, marker)
+        write_json_atomic(folder / META_NAME, {"format": 1, "tensors_sha256": sha256_file(bad)})
+        return bad
+    if case == "json":
+        save_file({"x": torch.zeros(1)}, str(folder / TENSORS_NAME))
+        return plant_pickle_payload(folder / META_NAME, marker)
+    raise ValueError(f"unknown case {case!r}")

@@ -84,8 +84,10 @@ class LoRAAdapter(nn.Module):
         return F.linear(h, self.lora_B.to(x.dtype)) * self.scaling
 
     def delta_weight(self) -> Tensor:
-        """The dense update dW = scaling * B @ A, shape (out, in)."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """The dense update dW = scaling * B @ A, shape (out, in), in at least float32 (half
+        precision adapters are upcast; float64 ones stay float64)."""
+        dtype = torch.promote_types(self.lora_B.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
 
 class LoRALinear(nn.Linear):
