@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mmcompose.compose.config import ComposeConfig, load_compose_config
+from mmcompose.compose.masks import tall_mask
 from mmcompose.compose.methods import BoundMerge
 from mmcompose.compose.plan import (
     TOKENIZER_FILES,
@@ -38,12 +39,15 @@ from mmcompose.compose.plan import (
     open_inputs,
     plan_composition,
 )
+from mmcompose.compose.plan_data import MaskedMerge, TaskVector
 from mmcompose.compose.sources import Source
 from mmcompose.devices import resolve_device
 from mmcompose.errors import MergeError
 from mmcompose.fs import atomic_dir, refuse_existing
 from mmcompose.io import SAFE_INDEX, plan_shards, shard_names
+from mmcompose.model.card import write_card
 from mmcompose.model.config import CONFIG_NAME, PROCESSOR_CONFIG, TEXT_ADAPTER
+from mmcompose.model.masked import pack_mask
 from mmcompose.model.modeling import all_finite
 
 REPORT_NAME = "composition_report.json"
@@ -168,6 +172,8 @@ def run_step(step: Step, rd: _Reader, gen: torch.Generator | None) -> dict[str, 
         return {step.out: _merge_weights(step, rd, gen)}
     if isinstance(step, FoldDelta):
         return {step.out: _fold(step, rd, gen)}
+    if isinstance(step, MaskedMerge):
+        return _masked_merge(step, rd, gen)
     if isinstance(step, ConcatAdapter):
         factors = [(rd.compute(d.a), rd.compute(d.b)) for d in step.deltas]
         coeffs = [c * d.scaling for c, d in zip(step.coeffs, step.deltas, strict=True)]
@@ -207,6 +213,23 @@ def _fold(step: FoldDelta, rd: _Reader, gen: torch.Generator | None) -> Tensor:
         base = _merge_weights(step.base, rd, gen)  # type: ignore[arg-type]
     delta = _merged_delta(step.deltas, step.merge, rd, gen)
     return (_work(base.to(delta.device)) + delta).to(base.dtype)
+
+
+def _masked_merge(step: MaskedMerge, rd: _Reader, gen: torch.Generator | None) -> dict[str, Tensor]:
+    """MMER on one linear: W0 + tau*, tau*, and each modality's packed mask."""
+    w0 = _carry(step.base, rd)
+    base = _work(w0.to(rd.device, rd.dtype or w0.dtype))
+    taus = [_task_vector(tv, base, rd) for tv in step.task_vectors]
+    merged = _work(_call(step.merge, taus, None, gen, step.out))
+    out = {step.out: (base + merged).to(w0.dtype), step.out_delta: merged}
+    for name, _, i in step.out_masks:
+        out[name] = pack_mask(tall_mask(taus[i], merged, step.mask_lambda))
+    return out
+
+
+def _task_vector(tv: TaskVector, base: Tensor, rd: _Reader) -> Tensor:
+    tau = _work(rd.compute(tv.weight)) - base if tv.weight is not None else torch.zeros_like(base)
+    return tau + rd.delta(tv.delta) if tv.delta is not None else tau
 
 
 def _merged_delta(
@@ -404,6 +427,7 @@ def compose(
             _write_configs(plan, tmp)
             text = json.dumps(report(plan, files, warns), indent=2, default=str) + "\n"
             (tmp / REPORT_NAME).write_text(text)
+            write_card(tmp, name=out_dir.name)  # README.md: the model card
             if before_commit is not None:
                 before_commit(tmp)
         return ComposeResult(plan, out_dir, True, files, warns, time.perf_counter() - start)
