@@ -2,41 +2,73 @@
 
 The job is six stages (:func:`stages`), each a function of the job and earlier outputs:
 
-1. ``prepare``: SmolLM2-135M-Instruct, EfficientNet-Lite0, Whisper tiny.en, the
-   mesh-pretrained PointNet, and the image / spoken-word / mesh datasets.
-2. ``build_benchmark``: mini-MCUB (image + audio + point cloud) from the test split, one from
-   the val split, and its first items as the lambda search's validation set.
-3. ``train_models``: image, audio and point-cloud MLLMs on SmolLM2 in the ``shared``
-   (NaiveMC) and ``decoupled`` (DAMC) variants.
+1. ``prepare``: SmolLM2-135M-Instruct, the encoders, and the job's datasets (quickstart:
+   image / spoken-word / mesh); every video file is checked readable.
+2. ``build_benchmark``: mini-MCUB (the job's modalities) from the test split, one from the
+   val split, and its first items as the lambda search's validation set (each subset's too
+   when the budget composes subsets).
+3. ``train_models``: one MLLM per modality on SmolLM2 in the ``shared`` (NaiveMC) and
+   ``decoupled`` (DAMC) variants, per seed of the budget.
 4. ``compose_models``: NaiveMC (shared LoRA deltas averaged) and DAMC (text adapters merged
-   with lambdas searched on the validation set).
-5. ``evaluate``: every single-modality model and both compositions on each modality's test
-   split and on mini-MCUB.
+   with lambdas searched on the validation set), per seed and set; the ablations if asked.
+5. ``evaluate``: every single-modality model and composition on each modality's test split
+   and on the MCUB sets (:func:`mmcompose.job_tasks.takes`: which cell each model fills).
 6. ``report``: one table, the paper's claims on it (each with its paired test on the same
    items, :mod:`mmcompose.bench.stats`), and the report folder (markdown, results
-   JSON in lm-evaluation-harness's layout, PNG chart; :mod:`mmcompose.report`).
+   JSON in lm-evaluation-harness's layout, PNG chart; :mod:`mmcompose.report`; with several
+   seeds :mod:`mmcompose.paper_report`).
+
+The reproduction (:mod:`mmcompose.reproduce`) is this job with another
+:class:`~mmcompose.recipe.Budget`: four modalities, several seeds, every MCUB-3 subset.
 
 Everything expensive is a :class:`mmcompose.pipeline.Cache` entry under
 ``<asset cache>/quickstart`` keyed by a digest of what it depends on (the ``*_key``
 functions: configs, data manifests, upstream keys, package version), so a second run only
-re-reads results. :class:`Budget` says how much work: the default is sized for a 2-core CPU
-(4-token pooled projectors fitted in closed form, see :mod:`mmcompose.train.anchor`, under one
-epoch of LoRA training, evaluation subsets).
+re-reads results and an interrupted one resumes with what is missing. The default budget is
+sized for a 2-core CPU (4-token pooled projectors fitted in closed form, see
+:mod:`mmcompose.train.anchor`, under one epoch of LoRA training, evaluation subsets).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mmcompose.model.config import ModuleSpec, TowerConfig
+from mmcompose.job_build import (
+    build_mcub_split,
+    check_videos,
+    file_stamp,
+    first_items,
+    readable_sets,
+    unreadable_videos,
+    video_files,
+)
+from mmcompose.job_build import compose_fixed as _fixed
+from mmcompose.job_build import compose_naive as _naive
+from mmcompose.job_build import compose_searched as _damc
+from mmcompose.job_build import load_model as _load
+from mmcompose.job_build import train_model as _train
+from mmcompose.job_tasks import Task, mcub_column, takes, tasks_info
+from mmcompose.job_tasks import column_tasks as _tasks
+from mmcompose.job_tasks import columns as _columns
+from mmcompose.job_tasks import evenly_spaced as _subset  # noqa: F401 (its old name)
 from mmcompose.pipeline import Cache, Stage, digest, file_digest, run_stages
+from mmcompose.recipe import (
+    BASE_LLM,
+    DATASETS,
+    MODALITIES,
+    STRATEGIES,
+    VIDEO_FRAMES,
+    Budget,
+    encoder_assets,
+    tower,
+    train_config,
+)
 from mmcompose.report import (
     QuickstartReport,
     Row,
@@ -56,101 +88,20 @@ __all__ = [
     "Budget",
     "QuickstartReport",
     "Row",
+    "Task",
     "format_cell",
     "render_markdown",
+    "run_job",
     "run_quickstart",
     "stages",
+    "tower",
     "train_config",
 ]
 
 DEFAULT_OUT = Path("runs/quickstart")
-BASE_LLM = "smollm2-135m-instruct"
-MODALITIES = ("image", "audio", "point")
-STRATEGIES = ("shared", "decoupled")
-DATASETS: dict[str, tuple[str, ...]] = {
-    "image": ("emoji", "openclipart", "photos"),
-    "audio": ("spoken",),
-    "point": ("meshes",),
-}
-
-
-def tower(modality: str) -> TowerConfig:
-    """The quickstart's towers: frozen pretrained encoders, 4-token pooled projectors."""
-    encoders = {
-        "image": ModuleSpec(name="efficientnet_lite0"),
-        # context "clip": Whisper attends over the 2 s used, not its 30 s window; ~15x faster
-        # to encode, same accuracy here (85.0% vs 86.7% on 60 test clips, docs/results.md).
-        "audio": ModuleSpec(
-            name="whisper_tiny_en", params={"seconds": 2, "pool": 10, "context": "clip"}
-        ),
-        "point": ModuleSpec(name="pointnet_meshes"),
-    }
-    return TowerConfig(
-        modality=modality,
-        encoder=encoders[modality],
-        projector=ModuleSpec(name="pooled", params={"num_tokens": 4}),
-        num_prefix=2,
-        num_suffix=2,
-    )
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much work the quickstart does. The default fits the 15-minute cold budget on a
-    2-core CPU with evaluation subsets; ``Budget.full()`` scores whole test splits, all of
-    mini-MCUB, and generation too (for the figures in docs/results.md; much longer)."""
-
-    # Epochs of stage 2 per modality, as short as each stood (docs/results.md, "Recipe"):
-    # audio kept its accuracy at 1/2 epoch, image lost 8-12 points at 1/2 but not at 3/4,
-    # point clouds (ridge residual 0.6: the closed-form fit leaves most to training) lost half
-    # their accuracy at 3/4 of an epoch.
-    stage2_epochs: tuple[tuple[str, float], ...] = (
-        ("image", 0.75),
-        ("audio", 0.5),
-        ("point", 1.0),
-    )
-    stage2_lr: float = 2e-4
-    batch_size: int = 16
-    classify_limit: int | None = 24  # test items per modality (None: all)
-    mcub_limit: int | None = 60  # mini-MCUB test items (None: all)
-    search_limit: int = 24  # validation items per lambda candidate
-    search_grid: tuple[float, ...] = (0.5, 1.0)
-    search_passes: int = 1  # coordinate sweeps over the three lambdas
-    generate: bool = False  # also score classification by generation
-
-    @classmethod
-    def full(cls) -> Budget:
-        return cls(
-            classify_limit=None,
-            mcub_limit=None,
-            search_limit=112,
-            search_grid=(0.25, 0.5, 0.75, 1.0),
-            search_passes=3,
-            generate=True,
-        )
-
-
-def train_config(modality: str, strategy: str, budget: Budget, dataset_files: list[str]):
-    from mmcompose.train.trainer import LoRASettings, StageConfig, TrainConfig
-
-    return TrainConfig(
-        base_llm=BASE_LLM,
-        tower=tower(modality),
-        data=dataset_files,
-        system_prompt="",
-        projector_init="lstsq",
-        # No LoRA dropout: drawing its Bernoulli masks is a quarter of a training step on
-        # this CPU (benchmarks/train_step.py).
-        lora=LoRASettings(strategy=strategy, rank=16, alpha=32, dropout=0.0),
-        stage1=StageConfig(epochs=0),
-        stage2=StageConfig(
-            epochs=dict(budget.stage2_epochs)[modality],
-            lr=budget.stage2_lr,
-            batch_size=budget.batch_size,
-            warmup_ratio=0.1,
-        ),
-        max_length=96,
-    )
+# The ablations of DAMC's two parts (rows of the reproduction's table).
+FIXED = "DAMC (lambda = 1/N, no search)"  # decoupled training, no adaptive adjustment
+SEARCHED_NAIVE = "NaiveMC + lambda search"  # adaptive adjustment, no decoupling
 
 
 # ----------------------------------------------------------------------------- stage data
@@ -167,12 +118,24 @@ class Job:
     log: Callable[[str], None] = print
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    datasets: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DATASETS))
+    on_corrupt: str = "fail"  # an unreadable video: fail before any work, or skip its items
 
 
 @dataclass(frozen=True)
 class Assets:
     manifests: dict[str, Path]  # dataset -> manifest.jsonl
     data_key: dict[str, str]  # dataset -> digest of its manifest
+    unreadable: dict[str, str] = field(default_factory=dict)  # video path -> why
+
+
+@dataclass(frozen=True)
+class MCUBSet:
+    """A subset's MCUB test set and lambda-search set."""
+
+    modalities: tuple[str, ...]
+    test: tuple[Path, Path]
+    search: tuple[Path, Path]
 
 
 @dataclass(frozen=True)
@@ -180,39 +143,37 @@ class Benchmark:
     test: tuple[Path, Path]  # mini-MCUB questions, answers
     val: tuple[Path, Path]
     search: tuple[Path, Path]  # the first ``search_limit`` of val: the lambda search's set
+    subsets: tuple[MCUBSet, ...] = ()  # with ``Budget.subsets``
+    unreadable: frozenset[str] = frozenset()  # video files skipped (on_corrupt: skip)
 
 
 @dataclass(frozen=True)
 class Model:
-    name: str
+    name: str  # its row in the table
     kind: str  # "single" or "composed"
     path: Path
     key: str  # its cache key; its evaluations are keyed under it
     modalities: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Task:
-    """One column: how to run it on a loaded model and which metric the table shows."""
-
-    name: str
-    modality: str | None  # None: every model takes it (mini-MCUB)
-    metric: str
-    key: list[Any]
-    run: Callable[..., dict]  # run(model, processor, modalities, progress) -> metrics block
-    n: int
+    seed: int = 0
+    classify: bool = True  # composed: also scored on each modality's test split
 
 
 @dataclass(frozen=True)
 class Evaluation:
     columns: list[str]
-    rows: list[Row]
-    results: dict[str, dict[str, dict]]  # model -> task -> metrics block
+    rows: list[Row]  # the first seed's
+    results: dict[str, dict[str, dict]]  # the first seed's: model -> task -> metrics block
+    by_seed: dict[int, list[Row]] = field(default_factory=dict)  # every seed's rows
 
 
 # ----------------------------------------------------------------------------- cache keys
-def mcub_key(data_key: dict[str, str], version: str) -> str:
-    return digest(data_key, version)
+def mcub_key(
+    data_key: dict[str, str], version: str, modalities: Sequence[str] | None = None
+) -> str:
+    """``modalities``: given when they are not the quickstart's (whose key stays as it was)."""
+    if modalities is None or tuple(modalities) == MODALITIES:
+        return digest(data_key, version)
+    return digest(data_key, version, list(modalities))
 
 
 def search_set_key(val_questions_digest: str, limit: int) -> str:
@@ -233,38 +194,60 @@ def damc_key(source_keys: list[str], budget: Budget, search_set: str, version: s
     )
 
 
+def ablation_key(
+    kind: str, source_keys: list[str], budget: Budget, search_set: str, version: str
+) -> str:
+    """``fixed``: lambda = 1/N (no search inputs); ``naive-search``: as DAMC's key."""
+    if kind == "fixed":
+        return digest("fixed", source_keys, version)
+    return digest(kind, source_keys, budget.search_grid, budget.search_passes, search_set, version)
+
+
 def eval_key(task_key: list[Any], modalities: Sequence[str]) -> str:
-    """Under the model's key: the task's items and the modalities the model was given."""
-    return digest(task_key, list(modalities))
+    """Under the model's key: the task's items, the modalities the model was given and the
+    log-likelihood scoring convention (scores cached under an earlier one are not reused)."""
+    from mmcompose.bench.multiple_choice import DEFAULT_CONTINUATION
+
+    return digest(task_key, list(modalities), f"continuation={DEFAULT_CONTINUATION}")
 
 
 # ----------------------------------------------------------------------------- the stages
-def stages(modalities: Sequence[str] = MODALITIES) -> list[Stage]:
-    n = len(modalities) * len(STRATEGIES)
+def stages(modalities: Sequence[str] = MODALITIES, budget: Budget | None = None) -> list[Stage]:
+    budget = budget or Budget()
+    n = len(modalities) * len(STRATEGIES) * len(budget.seeds)
+    seeds = f" ({len(budget.seeds)} seeds)" if len(budget.seeds) > 1 else ""
+    sets = " for every MCUB set" if budget.subsets else ""
+    ablations = ", ablations" if budget.ablations else ""
+    mcub = "build mini-MCUB" + (" and its subsets" if budget.subsets else "")
     return [
         Stage("assets", prepare, title="prepare assets"),
-        Stage("benchmark", build_benchmark, ("assets",), "build mini-MCUB"),
-        Stage("singles", train_models, ("assets",), f"train {n} single-modality models"),
+        Stage("benchmark", build_benchmark, ("assets",), mcub),
+        Stage("singles", train_models, ("assets",), f"train {n} single-modality models{seeds}"),
         Stage(
             "composed",
             compose_models,
             ("benchmark", "singles"),
-            "compose NaiveMC and DAMC (lambda search)",
+            f"compose NaiveMC and DAMC (lambda search){sets}{ablations}",
         ),
         Stage("evaluation", evaluate, ("assets", "benchmark", "singles", "composed"), "evaluate"),
         Stage("report", report, ("assets", "benchmark", "composed", "evaluation"), timed=False),
     ]
 
 
-def run_quickstart(
-    out_dir: str | Path = DEFAULT_OUT,
+def run_job(
+    out_dir: str | Path,
     *,
+    budget: Budget,
+    modalities: Sequence[str] = MODALITIES,
+    datasets: dict[str, tuple[str, ...]] | None = None,
     force: bool = False,
-    budget: Budget = Budget(),
     progress: bool = True,
+    on_corrupt: str = "fail",
     log: Callable[[str], None] = print,
-) -> QuickstartReport:
-    """Run the whole job; returns the table and writes the report folder at ``out_dir``."""
+    tag: str = "quickstart",
+) -> Any:
+    """Run the whole job; returns the report (written to ``out_dir``). The quickstart and the
+    reproduction share one cache: a model both train (same config) is trained once."""
     import mmcompose
     from mmcompose.assets.cache import cache_dir
     from mmcompose.fs import exclusive, refuse_existing
@@ -272,12 +255,35 @@ def run_quickstart(
     out_dir = Path(out_dir)
     refuse_existing(out_dir, force)
     cache = Cache(cache_dir() / "quickstart", log=log)
-    job = Job(out_dir, budget, cache, mmcompose.__version__, progress=progress, log=log)
-    with exclusive(cache.root, what="quickstart cache"):  # a second quickstart is refused
+    job = Job(
+        out_dir,
+        budget,
+        cache,
+        mmcompose.__version__,
+        tuple(modalities),
+        progress=progress,
+        log=log,
+        datasets=dict(datasets or DATASETS),
+        on_corrupt=on_corrupt,
+    )
+    with exclusive(cache.root, what="quickstart cache"):  # a second job is refused
         outputs = run_stages(
-            stages(job.modalities), job, timings=job.timings, log=log, tag="quickstart"
+            stages(job.modalities, budget), job, timings=job.timings, log=log, tag=tag
         )
     return outputs["report"]
+
+
+def run_quickstart(
+    out_dir: str | Path = DEFAULT_OUT,
+    *,
+    force: bool = False,
+    budget: Budget | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> QuickstartReport:
+    """The quickstart's job; returns the table and writes the report folder at ``out_dir``."""
+    budget = budget or Budget()
+    return run_job(out_dir, budget=budget, force=force, progress=progress, log=log)
 
 
 def prepare(job: Job) -> Assets:
@@ -286,21 +292,32 @@ def prepare(job: Job) -> Assets:
     from mmcompose.assets.llm import prepare_base_llm
 
     prepare_base_llm(BASE_LLM)
-    prepare_encoders([tower(m).encoder.name for m in job.modalities])
-    names = [d for m in job.modalities for d in DATASETS[m]]
+    prepare_encoders(list(dict.fromkeys(e for m in job.modalities for e in encoder_assets(m))))
+    names = [d for m in job.modalities for d in job.datasets[m]]
     folders = prepare_datasets(only=names, progress=job.progress)
     manifests = {d: folders[d] / "manifest.jsonl" for d in names}
-    return Assets(manifests, {d: file_digest(p) for d, p in manifests.items()})
+    unreadable: dict[str, str] = {}
+    if "video" in job.modalities:  # decode every clip once (cached while the files stay)
+        paths = video_files(manifests)
+        unreadable = job.cache.json(
+            "checks",
+            "videos",
+            digest(file_stamp(paths), VIDEO_FRAMES, job.version),
+            partial(unreadable_videos, paths, VIDEO_FRAMES),
+            label=f"check {len(paths)} video files",
+        )
+    return Assets(manifests, {d: file_digest(p) for d, p in manifests.items()}, unreadable)
 
 
 def build_benchmark(job: Job, assets: Assets) -> Benchmark:
     from mmcompose.bench.mcub_build import set_name
 
-    set_file = set_name(job.modalities)
-    key = mcub_key(assets.data_key, job.version)
-    sets = {}
+    full = tuple(job.modalities)
+    set_file = set_name(full)
+    key = mcub_key(assets.data_key, job.version, full)
+    folders = {}
     for split in ("test", "val"):
-        folder = job.cache.folder(
+        folders[split] = job.cache.folder(
             "mcub",
             split,
             key,
@@ -309,63 +326,128 @@ def build_benchmark(job: Job, assets: Assets) -> Benchmark:
             in_place=True,
             label=f"mini-MCUB ({split} split)",
         )
-        sets[split] = (folder / f"{set_file}.json", folder / f"{set_file}.answers.json")
+    wanted = [full, *job.budget.subsets]
+    files = {
+        (split, mods): (
+            folders[split] / f"{set_name(mods)}.json",
+            folders[split] / f"{set_name(mods)}.answers.json",
+        )
+        for split in ("test", "val")
+        for mods in wanted
+    }
+    if assets.unreadable:  # fail naming the MCUB items, or drop them (on_corrupt: skip)
+        named = {f"{s}/{set_name(m)}": f for (s, m), f in files.items()}
+        drop = check_videos(assets.unreadable, named, job.on_corrupt)
+        folder = job.cache.folder(
+            "mcub",
+            "readable",
+            digest(key, sorted(assets.unreadable), [str(m) for m in wanted]),
+            partial(_readable, files, drop),
+            done="done.json",
+        )
+        files = {
+            (s, m): (folder / s / q.name, folder / s / a.name) for (s, m), (q, a) in files.items()
+        }
     limit = job.budget.search_limit
-    folder = job.cache.folder(
-        "mcub",
-        "search",
-        search_set_key(file_digest(sets["val"][0]), limit),
-        partial(_first_items, sets["val"], limit),
-        done=sets["val"][1].name,
-    )
+    search = {}
+    for mods in wanted:
+        val = files[("val", mods)]
+        folder = job.cache.folder(
+            "mcub",
+            "search",
+            search_set_key(file_digest(val[0]), limit),
+            partial(first_items, val, limit),
+            done=val[1].name,
+        )
+        search[mods] = (folder / val[0].name, folder / val[1].name)
     return Benchmark(
-        sets["test"], sets["val"], (folder / sets["val"][0].name, folder / sets["val"][1].name)
+        files[("test", full)],
+        files[("val", full)],
+        search[full],
+        tuple(MCUBSet(m, files[("test", m)], search[m]) for m in wanted[1:]),
+        frozenset(assets.unreadable),
     )
 
 
 def train_models(job: Job, assets: Assets) -> dict[str, Model]:
     models = {}
-    for m in job.modalities:
-        files = [str(assets.manifests[d]) for d in DATASETS[m]]
-        for s in STRATEGIES:
-            cfg = train_config(m, s, job.budget, files)
-            key = model_key(cfg, [assets.data_key[d] for d in DATASETS[m]], job.version)
-            label = f"{m} ({s})"
-            path = job.cache.folder(
-                "models",
-                f"{m}-{s}",
-                key,
-                partial(_train, job, cfg, label),
-                in_place=True,
-                label=label,
-            )
-            models[f"{m}-{s}"] = Model(f"{m}-{s}", "single", path, key, (m,))
+    plan = [(seed, m, s) for seed in job.budget.seeds for m in job.modalities for s in STRATEGIES]
+    for seed, m, s in _bar(job, plan, "single-modality models"):
+        names = job.datasets[m]
+        files = [str(assets.manifests[d]) for d in names]
+        skip = job.on_corrupt == "skip" and any(  # only then: the config (key) is unchanged
+            p in assets.unreadable for p in _paths(assets.manifests, names)
+        )
+        cfg = train_config(m, s, job.budget, files, seed, "skip" if skip else "fail")
+        key = model_key(cfg, [assets.data_key[d] for d in names], job.version)
+        label = f"{m} ({s})" + _tag(job, seed)
+        path = job.cache.folder(
+            "models",
+            f"{m}-{s}",
+            key,
+            partial(_train, job, cfg, label),
+            in_place=True,
+            label=label,
+        )
+        model = Model(f"{m}-{s}", "single", path, key, (m,), seed)
+        models[_id(job, model)] = model
     return models
 
 
 def compose_models(job: Job, bench: Benchmark, singles: dict[str, Model]) -> dict[str, Model]:
-    mods = job.modalities
-    shared = [singles[f"{m}-shared"] for m in mods]
-    decoupled = [singles[f"{m}-decoupled"] for m in mods]
-    nkey = naive_key([s.key for s in shared], job.version)
-    naive = job.cache.folder(
-        "compositions", "naivemc", nkey, partial(_naive, shared), in_place=True, label="NaiveMC"
-    )
-    dkey = damc_key(
-        [s.key for s in decoupled], job.budget, file_digest(bench.search[0]), job.version
-    )
-    damc = job.cache.folder(
-        "compositions",
-        "damc",
-        dkey,
-        partial(_damc, job, decoupled, bench.search),
-        in_place=True,
-        label="DAMC (lambda search)",
-    )
-    return {
-        "NaiveMC": Model("NaiveMC", "composed", naive, nkey, mods),
-        "DAMC": Model("DAMC", "composed", damc, dkey, mods),
-    }
+    full = tuple(job.modalities)
+    sets = [(full, bench.search), *((s.modalities, s.search) for s in bench.subsets)]
+    out: dict[str, Model] = {}
+    work = [(seed, mods, search) for seed in job.budget.seeds for mods, search in sets]
+    for seed, mods, search in _bar(job, work, "compositions"):
+        shared = [_single(singles, m, "shared", seed) for m in mods]
+        decoupled = [_single(singles, m, "decoupled", seed) for m in mods]
+        tag = _tag(job, seed, mods)
+        search_digest = file_digest(search[0])
+        plans = [
+            (
+                "NaiveMC",
+                "naivemc",
+                naive_key(_keys(shared), job.version),
+                partial(_naive, shared),
+                "NaiveMC",
+            ),
+            (
+                "DAMC",
+                "damc",
+                damc_key(_keys(decoupled), job.budget, search_digest, job.version),
+                partial(_damc, job, decoupled, search, "DAMC" + tag),
+                "DAMC (lambda search)",
+            ),
+        ]
+        if job.budget.ablations and mods == full:
+            plans += [
+                (
+                    FIXED,
+                    "damc-fixed",
+                    ablation_key("fixed", _keys(decoupled), job.budget, "", job.version),
+                    partial(_fixed, decoupled),
+                    FIXED,
+                ),
+                (
+                    SEARCHED_NAIVE,
+                    "naivemc-search",
+                    ablation_key(
+                        "naive-search", _keys(shared), job.budget, search_digest, job.version
+                    ),
+                    partial(_damc, job, shared, search, SEARCHED_NAIVE + tag),
+                    SEARCHED_NAIVE,
+                ),
+            ]
+        for name, group, key, build, label in plans:
+            path = job.cache.folder(
+                "compositions", group, key, build, in_place=True, label=label + tag
+            )
+            model = Model(
+                name, "composed", path, key, mods, seed, classify=name in ("NaiveMC", "DAMC")
+            )
+            out[_id(job, model)] = model
+    return out
 
 
 def evaluate(
@@ -377,30 +459,48 @@ def evaluate(
 ) -> Evaluation:
     from mmcompose.model.encode_memo import memoized_encoders
 
-    columns = _columns(job.modalities)
-    tasks = _tasks(assets.manifests, bench.test, job.budget, job.modalities)
-    order = [singles[f"{m}-{s}"] for s in STRATEGIES for m in job.modalities]
-    rows, results = [], {}
+    columns = _columns(job.modalities, [s.modalities for s in bench.subsets])
+    tasks = _tasks(assets.manifests, bench, job.budget, job.modalities)
+    seeds = sorted({m.seed for m in [*singles.values(), *composed.values()]})
+    order = [
+        *sorted(
+            singles.values(),
+            key=lambda m: (
+                m.seed,
+                STRATEGIES.index(_strategy(m)),
+                job.modalities.index(m.modalities[0]),
+            ),
+        ),
+        *sorted(composed.values(), key=lambda m: m.seed),  # stable: the stage's order
+    ]
+    order.sort(key=lambda m: m.seed)
+    by_seed: dict[int, dict[str, Row]] = {s: {} for s in seeds}
+    results: dict[str, dict[str, dict]] = {}
     with memoized_encoders():
-        for model in [*order, *composed.values()]:
+        for model in _bar(job, order, "evaluated models"):
             loaded = functools.cache(partial(_load, model.path))  # only if an entry is missing
-            row = Row(model.name, model.kind)
-            results[model.name] = {}
+            rows = by_seed[model.seed]
+            if model.name not in rows:
+                rows[model.name] = Row(model.name, model.kind, dict.fromkeys(columns))
+            row = rows[model.name]
             for col, task in zip(columns, tasks, strict=True):
-                if task.modality is not None and task.modality not in model.modalities:
-                    row.scores[col] = None
+                if not takes(model, task, job.modalities):
                     continue
                 block = _evaluation(job, model, task, loaded)
-                results[model.name][task.name] = block
+                if model.seed == seeds[0]:
+                    results.setdefault(model.name, {})[task.name] = block
                 row.scores[col] = block[task.metric]
                 row.stderr[col] = block.get(task.metric.replace(",", "_stderr,"))
                 if task.metric in block["per_item"]:
                     row.correct[col] = block["per_item"][task.metric]
-                if job.budget.generate and "acc,generate" in block:
+                if "acc,generate" in block:
                     row.scores[f"{col} gen"] = block["acc,generate"]
-            rows.append(row)
-            job.log(f"  {model.name}: " + ", ".join(pct(row.scores.get(c)) for c in columns))
-    return Evaluation(columns, rows, results)
+                    if "acc,generate" in block["per_item"]:
+                        row.correct[f"{col} gen"] = block["per_item"]["acc,generate"]
+            cells = ", ".join(pct(row.scores.get(c)) for c in columns)
+            job.log(f"  {model.name}{_tag(job, model.seed, model.modalities)}: {cells}")
+    rows_by_seed = {s: list(r.values()) for s, r in by_seed.items()}
+    return Evaluation(columns, rows_by_seed[seeds[0]], results, rows_by_seed)
 
 
 def report(
@@ -409,83 +509,87 @@ def report(
     bench: Benchmark,
     composed: dict[str, Model],
     ev: Evaluation,
-) -> QuickstartReport:
-    out = QuickstartReport(job.out_dir, ev.rows, job.timings, columns=ev.columns)
-    out.claims = check_claims(ev.rows, ev.columns, job.modalities)
+) -> Any:
     job.timings["total"] = time.perf_counter() - job.started
     info = tasks_info(assets.manifests, bench, job.budget)
-    write_report(out, ev.results, composed["DAMC"].path / "search", info)
+    first = min(m.seed for m in composed.values())
+    damc = next(
+        m
+        for m in composed.values()
+        if m.name == "DAMC" and m.seed == first and m.modalities == job.modalities
+    )
+    if job.budget.paper_report:
+        from mmcompose.paper_report import write_paper_report
+
+        return write_paper_report(job, ev, info, damc.path / "search")
+    out = QuickstartReport(job.out_dir, ev.rows, job.timings, columns=ev.columns)
+    out.claims = check_claims(ev.rows, ev.columns, job.modalities)
+    write_report(out, ev.results, damc.path / "search", info)
     return out
 
 
 # ----------------------------------------------------------------------------- stage helpers
 def _build_mcub(assets: Assets, split: str, modalities: Sequence[str], path: Path) -> None:
-    from mmcompose.bench.mcub_build import build_mcub
-
-    manifests = [str(p) for p in assets.manifests.values()]
-    build_mcub(manifests, path, split=split, modalities=list(modalities), force=True)
+    build_mcub_split(assets.manifests, split, modalities, path)
 
 
-def _first_items(files: tuple[Path, Path], limit: int, folder: Path) -> None:
-    """The first ``limit`` items of a set (the builder shuffles by seed) as their own files."""
+def _readable(files: dict, drop: dict[str, list[str]], folder: Path) -> None:
+    from mmcompose.bench.mcub_build import set_name
     from mmcompose.fs import write_json_atomic
 
-    for f in files:
-        write_json_atomic(folder / f.name, json.loads(f.read_text())[:limit])
+    for split in ("test", "val"):
+        (folder / split).mkdir()
+        sets = {f"{s}/{set_name(m)}": f for (s, m), f in files.items() if s == split}
+        drops = {k: v for k, v in drop.items() if k in sets}
+        readable_sets(sets, drops, folder / split)
+    write_json_atomic(folder / "done.json", {"dropped": drop})
 
 
-def _train(job: Job, cfg: Any, label: str, path: Path) -> None:
-    from mmcompose.train.trainer import train
+def _paths(manifests: dict[str, Path], names: Iterable[str]) -> list[str]:
+    from mmcompose.manifest import read_manifest
 
-    r = train(cfg, path, force=True, progress=job.progress)
-    job.log(f"  {label}: {r.steps} steps, loss {r.final_loss:.3f}")
-
-
-def _naive(sources: list[Model], path: Path) -> None:
-    from mmcompose.compose.config import ComposeConfig
-    from mmcompose.compose.executor import compose
-
-    cfg = ComposeConfig.model_validate(
-        {
-            "merge_method": "linear",
-            "models": [{"model": str(s.path), "parameters": {"weight": 1.0}} for s in sources],
-        }
-    )
-    compose(cfg, path, force=True, progress=False)
+    return [str(r["path"]) for d in names for r in read_manifest(manifests[d])]
 
 
-def _damc(job: Job, sources: list[Model], val: tuple[Path, Path], path: Path) -> None:
-    from mmcompose.compose.config import ComposeConfig
-    from mmcompose.compose.search import compose_with_search
+def _keys(models: Sequence[Model]) -> list[str]:
+    return [m.key for m in models]
 
-    cfg = ComposeConfig.model_validate(
-        {"merge_method": "task_arithmetic", "models": [{"model": str(s.path)} for s in sources]}
-    )
-    b = job.budget
-    result, _ = compose_with_search(
-        cfg,
-        path,
-        *val,
-        force=True,
-        progress=job.progress,
-        grid=b.search_grid,
-        method="coordinate",
-        max_passes=b.search_passes,
-        mode="loglikelihood",
-    )
-    weights = zip((s.modalities[0] for s in sources), result.best_weights, strict=True)
-    job.log(
-        "  DAMC lambdas "
-        + ", ".join(f"{m}={w:g}" for m, w in weights)
-        + f" (val acc {result.best_accuracy:.3f})"
+
+def _strategy(model: Model) -> str:
+    return model.name.rsplit("-", 1)[-1]
+
+
+def _single(singles: dict[str, Model], modality: str, strategy: str, seed: int) -> Model:
+    return next(
+        m for m in singles.values() if m.name == f"{modality}-{strategy}" and m.seed == seed
     )
 
 
-def _load(path: Path):
-    from mmcompose.model import MMComposeForCausalLM, MMProcessor
+def _multi(job: Job) -> bool:
+    return len(job.budget.seeds) > 1 or bool(job.budget.subsets)
 
-    model = MMComposeForCausalLM.from_pretrained(path).fold_for_inference()
-    return model, MMProcessor.from_pretrained(path)
+
+def _id(job: Job, model: Model) -> str:
+    """A unique name for the stages' dicts: the row name alone in the quickstart."""
+    if not _multi(job):
+        return model.name
+    return f"{model.name} [seed {model.seed}, {mcub_column(model.modalities)}]"
+
+
+def _tag(job: Job, seed: int, modalities: Sequence[str] | None = None) -> str:
+    if not _multi(job):
+        return ""
+    sets = f", {mcub_column(modalities)}" if modalities and len(modalities) > 1 else ""
+    return f" [seed {seed}{sets}]"
+
+
+def _bar(job: Job, work: list, what: str) -> Iterable:
+    """An overall progress bar over a stage's work (the steps inside have their own)."""
+    if not job.progress or len(work) < 2:
+        return work
+    from tqdm.auto import tqdm
+
+    return tqdm(work, desc=what, unit="model", leave=False)
 
 
 def _evaluation(job: Job, model: Model, task: Task, loaded: Callable[[], tuple]) -> dict:
@@ -510,66 +614,3 @@ def _run_task(
     task gives none)."""
     block = task.run(*loaded(), modalities, progress)
     return {**block, "per_item": block.get("per_item", {})}
-
-
-def _subset(rows: list, limit: int | None) -> list:
-    """An evenly spaced, deterministic subset (keeps every label group represented)."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    step = len(rows) / limit
-    return [rows[int(i * step)] for i in range(limit)]
-
-
-def _columns(modalities: Sequence[str]) -> list[str]:
-    from mmcompose.bench.mcub_build import SET_LETTERS
-
-    return [
-        *(f"{m} (test)" for m in modalities),
-        "mini-MCUB " + "".join(SET_LETTERS[m] for m in modalities),
-    ]
-
-
-def _tasks(
-    manifests: dict[str, Path],
-    mcub: tuple[Path, Path],
-    budget: Budget,
-    modalities: Sequence[str] = MODALITIES,
-) -> list[Task]:
-    """Per column, in :func:`_columns` order: the classification of each modality, mini-MCUB."""
-    from mmcompose.bench.classify import classify, read_manifest
-    from mmcompose.bench.mcub import evaluate_mcub, load_mcub, restrict_modalities
-    from mmcompose.bench.results import task_block
-
-    tasks = []
-    modes = ("loglikelihood", "generate") if budget.generate else ("loglikelihood",)
-    for m in modalities:
-        rows_all = [r for d in DATASETS[m] for r in read_manifest(manifests[d], None)]
-        labels = sorted({r["label"] for r in rows_all})
-        test = _subset([r for r in rows_all if r["split"] == "test"], budget.classify_limit)
-
-        def run(model, proc, _mods, progress, test=test, labels=labels, m=m):
-            r = classify(model, proc, test, labels=labels, modes=modes, progress=progress)
-            return {**task_block(r.correct, f"classify_{m}"), "n": r.n, "per_item": r.correct}
-
-        key = ["classify", [r["id"] for r in test], labels, modes]
-        tasks.append(Task(f"classify_{m}", m, "acc,loglikelihood", key, run, len(test)))
-    items = _subset(load_mcub(*mcub), budget.mcub_limit)
-    name = "mcub_" + "_".join(modalities)
-
-    def run_mcub(model, proc, mods, progress):
-        its = restrict_modalities(items, list(mods)) if len(mods) < len(modalities) else items
-        r = evaluate_mcub(model, proc, its, ("loglikelihood",), progress=progress)
-        return {**task_block(r.correct, name), "n": r.n, "per_item": r.correct}
-
-    key = ["mcub", file_digest(mcub[0]), file_digest(mcub[1]), len(items)]
-    tasks.append(Task(name, None, "acc,loglikelihood", key, run_mcub, len(items)))
-    return tasks
-
-
-def tasks_info(manifests: dict[str, Path], bench: Benchmark, budget: Budget) -> dict[str, Any]:
-    return {
-        "datasets": {d: str(p) for d, p in manifests.items()},
-        "mcub_test": [str(p) for p in bench.test],
-        "mcub_val": [str(p) for p in bench.val],
-        "budget": budget.__dict__,
-    }

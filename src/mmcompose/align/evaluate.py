@@ -28,7 +28,6 @@ from torch.nn import functional as F
 from mmcompose.align.features import EncoderRef, ModalityFeatures, build_feature_encoder
 from mmcompose.align.moe import AltMoEConnector, ConnectorConfig, direction_name
 from mmcompose.errors import CheckpointError, ConfigError
-from mmcompose.fs import read_json
 
 __all__ = [
     "KS",
@@ -165,16 +164,11 @@ class AlignedModel:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> AlignedModel:
+        from mmcompose.align.folder import read_alignment
         from mmcompose.io import load_safetensors
 
         out_dir = Path(out_dir)
-        meta = read_json(out_dir / "config.json")
-        weights = out_dir / "model.safetensors"
-        if not isinstance(meta, dict) or meta.get("kind") != "alt-moe" or not weights.is_file():
-            raise CheckpointError(
-                f"{out_dir} is not a trained alignment (config.json + model.safetensors)",
-                hint="train one with: mmcompose align CONFIG.yaml -o OUT_DIR",
-            )
+        meta, weights = read_alignment(out_dir)
         connector = AltMoEConnector(ConnectorConfig(**meta["connector"]))
         try:
             connector.load_state_dict(load_safetensors(weights), strict=True)

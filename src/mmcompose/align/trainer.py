@@ -19,8 +19,9 @@ move heads that the single-process run leaves alone). The result equals one proc
 the global batch.
 
 Resumable: a checkpoint (model, optimizer, best-so-far, early-stop counter) is written every
-``checkpoint_every`` steps to ``<OUT_DIR>.ckpt/``; data order and dropout are functions of
-(seed, step), so an interrupted run resumed from it ends with exactly the same weights.
+``checkpoint_every`` steps to ``<OUT_DIR>.ckpt/`` (safetensors + JSON, replaced atomically; see
+:mod:`mmcompose.checkpoint`); data order and dropout are functions of (seed, step), so an
+interrupted run resumed from it ends with exactly the same weights.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
@@ -54,8 +54,15 @@ from mmcompose.align.features import (
 )
 from mmcompose.align.losses import gather_with_grad, info_nce, regression_loss, step_loss
 from mmcompose.align.moe import AltMoEConnector, ConnectorConfig
-from mmcompose.errors import ConfigError
-from mmcompose.fs import atomic_dir, atomic_file, refuse_existing, write_json_atomic
+from mmcompose.checkpoint import (
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+)
+from mmcompose.errors import CheckpointError, ConfigError
+from mmcompose.fs import atomic_dir, exclusive, refuse_existing, write_json_atomic
+from mmcompose.io import load_jsonl, load_yaml
 
 __all__ = [
     "AlignConfig",
@@ -165,12 +172,7 @@ class AlignConfig(_Frozen):
 
 def load_align_config(path: str | Path) -> AlignConfig:
     """Parse and validate a YAML config; unknown keys and bad values raise :class:`ConfigError`."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    raw = load_yaml(path, "align config") or {}
     try:
         return AlignConfig.model_validate(raw)
     except ValidationError as exc:
@@ -213,12 +215,7 @@ def _manifest_path(name: str) -> Path:
 def _read_records(datasets: list[str]) -> list[dict[str, Any]]:
     records = []
     for name in datasets:
-        path = _manifest_path(name)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read manifest {path}: {exc}") from None
-        records += [json.loads(line) for line in lines if line.strip()]
+        records += [rec for _, rec in load_jsonl(_manifest_path(name), "manifest")]
     return records
 
 
@@ -439,35 +436,21 @@ def train_connector(
         "history": [],
         "best_model": None,
     }
-    ckpt = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
+    ckpt = checkpoint_dir
     fingerprint = cfg.fingerprint() + f"/world{dist.world}"
-    if ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if saved.get("fingerprint") == fingerprint:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            state = saved["state"]
-        elif dist.main:
-            print(f"mmcompose: {ckpt} is from another config; starting over", file=sys.stderr)
+    saved = load_checkpoint(ckpt) if ckpt is not None else None
+    if saved is not None and saved[1].get("fingerprint") == fingerprint:
+        state = _restore(saved, ckpt, model, optimizer)
+    elif saved is not None and dist.main:
+        print(f"mmcompose: {ckpt} is from another config; starting over", file=sys.stderr)
 
     def evaluate_val() -> float:
         split = val if val is not None and len(val) else train
         return mean_r1(evaluate_split(model, split, directions, (cfg.eval.space,))[cfg.eval.space])
 
-    def save_checkpoint() -> None:
-        if ckpt is None or not dist.main:
-            return
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(ckpt) as tmp:
-            torch.save(
-                {
-                    "fingerprint": fingerprint,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "state": state,
-                },
-                tmp,
-            )
+    def checkpoint() -> None:
+        if ckpt is not None and dist.main:
+            _save(ckpt, fingerprint, model, optimizer, state)
 
     from tqdm.auto import tqdm
 
@@ -510,7 +493,7 @@ def train_connector(
                 loss=f"{loss:.3f}", val_r1=f"{score:.1f}", best=f"{state['best_val']:.1f}"
             )
         if state["step"] % tc.checkpoint_every == 0:
-            save_checkpoint()
+            checkpoint()
         bar.update(1)
         if on_step is not None:
             on_step(state["step"])
@@ -521,6 +504,58 @@ def train_connector(
     return TrainOutcome(
         model, state["step"], state["best_val"], state["best_step"], stopped, state["history"]
     )
+
+
+_STATE_KEYS = ("step", "best_val", "best_step", "bad", "history")
+
+
+def _save(
+    ckpt: Path,
+    fingerprint: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> None:
+    """Model, best model and optimizer moments as tensors; counters and history as JSON."""
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    if state["best_model"] is not None:
+        tensors.update({f"best/{k}": v for k, v in state["best_model"].items()})
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer.state_dict(), "optimizer")
+    meta = {
+        "fingerprint": fingerprint,
+        "state": {k: state[k] for k in _STATE_KEYS},
+        "has_best": state["best_model"] is not None,
+        "optimizer": opt_meta,
+    }
+    save_checkpoint(ckpt, {**tensors, **opt_tensors}, meta)
+
+
+def _restore(
+    saved: tuple[dict[str, torch.Tensor], dict[str, Any]],
+    ckpt: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    tensors, meta = saved
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        state = {k: meta["state"][k] for k in _STATE_KEYS}
+        model.load_state_dict(part("model/"))
+        state["best_model"] = part("best/") if meta["has_best"] else None
+        optimizer.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"], "optimizer"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is damaged or incomplete ({_first_line(exc)})",
+            hint=f"delete {ckpt} to start over",
+        ) from None
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 # =========================================================================== command
@@ -602,10 +637,24 @@ def run_align(
     cfg = load_align_config(config_path)
     out_dir = Path(out_dir)
     refuse_existing(out_dir, force)
+    dist = _init_distributed()
+    with exclusive(out_dir, what="alignment output", enabled=dist.main):
+        return _run_align(cfg, out_dir, force, progress, resume, on_step, dist, started)
+
+
+def _run_align(
+    cfg: AlignConfig,
+    out_dir: Path,
+    force: bool,
+    progress: bool,
+    resume: bool,
+    on_step: Callable[[int], None] | None,
+    dist: _Dist,
+    started: float,
+) -> AlignResult:
     ckpt_dir = out_dir.with_name(out_dir.name + ".ckpt")
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    dist = _init_distributed()
     if not dist.main:
         dist.barrier()  # rank 0 builds the feature stores first; the others then reuse them
     splits, stores = load_data(cfg, progress=progress and dist.main)

@@ -10,7 +10,6 @@ does not match what the header promised (a crash, a half copy, tampering).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 from abc import ABC, abstractmethod
@@ -22,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mmcompose.errors import MMComposeError
-from mmcompose.fs import atomic_dir, read_json, write_json_atomic
+from mmcompose.fs import atomic_dir, exclusive, read_json, write_json_atomic
 from mmcompose.registry import Registry
 
 __all__ = [
@@ -44,6 +43,7 @@ __all__ = [
 
 HEADER_NAME = "store.json"
 FORMAT_VERSION = 1
+_OPEN_ATTEMPTS = 5  # a writer committing while a reader opens: reread the new header
 METRICS = ("cosine", "ip", "l2")
 _SCHEMA_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
@@ -262,15 +262,24 @@ class VectorStore(ABC):
         """
         cls._check_available()
         path = Path(path)
-        header = StoreHeader.read(path)
-        if header.backend != cls.name:
-            raise StoreMismatchError(
-                f"store {path} was made by backend {header.backend!r}, not {cls.name!r}",
-                hint="open it with mmcompose.retrieval.open_store(path)",
-            )
-        store = cls(path, header)
-        store._load(verify=verify)
-        return store
+        for attempt in range(_OPEN_ATTEMPTS):
+            header = StoreHeader.read(path)
+            if header.backend != cls.name:
+                raise StoreMismatchError(
+                    f"store {path} was made by backend {header.backend!r}, not {cls.name!r}",
+                    hint="open it with mmcompose.retrieval.open_store(path)",
+                )
+            store = cls(path, header)
+            try:
+                store._load(verify=verify)
+                return store
+            except CorruptStoreError:
+                # Readers take no lock: a writer may have committed and deleted the files this
+                # header named. Only data that disagrees with the current header is corrupt.
+                store.close()
+                if attempt + 1 == _OPEN_ATTEMPTS or StoreHeader.read(path) == header:
+                    raise
+        raise AssertionError("unreachable")
 
     @classmethod  # noqa: B027 - optional hook
     def _check_available(cls) -> None:
@@ -419,18 +428,14 @@ class VectorStore(ABC):
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
-        """One writer at a time per store folder (advisory ``flock`` on a lock file)."""
-        with open(self.path / ".lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                # another process may have committed since we opened: reread the header
-                fresh = StoreHeader.read(self.path)
-                if fresh.count != self.header.count or fresh.state != self.header.state:
-                    self.header = fresh
-                    self._load(verify=False)
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """One writer at a time per store folder: a second one waits (:func:`fs.exclusive`)."""
+        with exclusive(self.path / HEADER_NAME, wait=True, what="vector store"):
+            # another process may have committed since we opened: reread the header
+            fresh = StoreHeader.read(self.path)
+            if fresh.count != self.header.count or fresh.state != self.header.state:
+                self.header = fresh
+                self._load(verify=False)
+            yield
 
     def _commit_header(self, count: int, state: dict[str, Any]) -> None:
         """Write the new header in one atomic replace: the point where an add takes effect."""

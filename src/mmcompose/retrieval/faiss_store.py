@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcompose.fs import fault_point
 from mmcompose.retrieval.base import (
     BackendUnavailableError,
     CorruptStoreError,
@@ -49,7 +50,9 @@ _GEN_FILE = re.compile(r"^(index|rows)\.(\d+)\.(faiss|json)$")
 
 
 def _after_step(step: str) -> None:
-    """Called between the steps of an add; tests replace it to inject a crash there."""
+    """Called between the steps of an add; tests replace it, or kill the process here with
+    ``MMCOMPOSE_FAULT=faiss:STEP`` (see :func:`mmcompose.fs.fault_point`)."""
+    fault_point("faiss:" + step)
 
 
 def _auto_pq_m(dim: int) -> int:
@@ -142,15 +145,16 @@ class FaissStore(VectorStore):
         if not isinstance(rec, dict) or not {"name", "size", "sha256"} <= set(rec):
             raise self._corrupt("malformed file record in header")
         path = self.path / str(rec["name"])
-        if not path.is_file():
-            raise self._corrupt(f"data file {path.name} is missing")
-        size = path.stat().st_size
-        if size != rec["size"]:
-            raise self._corrupt(
-                f"data file {path.name} has {size} bytes, header says {rec['size']}"
-            )
-        if verify and _sha256(path) != rec["sha256"]:
-            raise self._corrupt(f"data file {path.name} fails its SHA-256 check")
+        try:  # a writer may delete it right now (then ``open`` retries with the new header)
+            size = path.stat().st_size
+            if size != rec["size"]:
+                raise self._corrupt(
+                    f"data file {path.name} has {size} bytes, header says {rec['size']}"
+                )
+            if verify and _sha256(path) != rec["sha256"]:
+                raise self._corrupt(f"data file {path.name} fails its SHA-256 check")
+        except FileNotFoundError:
+            raise self._corrupt(f"data file {path.name} is missing") from None
 
     def _read_index(self, path: Path) -> Any:
         try:
@@ -165,7 +169,7 @@ class FaissStore(VectorStore):
             ids, meta = raw["ids"], raw["metadata"]
             if not isinstance(ids, list) or not (meta is None or isinstance(meta, list)):
                 raise TypeError("wrong types")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise self._corrupt(f"id map {path.name} is unreadable ({exc})") from None
         return ids, meta
 

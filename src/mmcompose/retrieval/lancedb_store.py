@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcompose.fs import fault_point
 from mmcompose.retrieval.base import (
     BackendUnavailableError,
     CorruptStoreError,
@@ -49,7 +50,9 @@ _BATCH = 65536
 
 
 def _after_step(step: str) -> None:
-    """Called between the steps of an add; tests replace it to inject a crash there."""
+    """Called between the steps of an add; tests replace it, or kill the process here with
+    ``MMCOMPOSE_FAULT=lancedb:STEP`` (see :func:`mmcompose.fs.fault_point`)."""
+    fault_point("lancedb:" + step)
 
 
 @backends.register("lancedb")

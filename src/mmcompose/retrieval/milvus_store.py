@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mmcompose.fs import fault_point
 from mmcompose.retrieval.base import (
     BackendUnavailableError,
     CorruptStoreError,
@@ -46,7 +47,9 @@ _MILVUS_ERRORS: tuple[type[BaseException], ...] = (Exception,)  # pymilvus raise
 
 
 def _after_step(step: str) -> None:
-    """Called between the steps of an add; tests replace it to inject a crash there."""
+    """Called between the steps of an add; tests replace it, or kill the process here with
+    ``MMCOMPOSE_FAULT=milvus:STEP`` (see :func:`mmcompose.fs.fault_point`)."""
+    fault_point("milvus:" + step)
 
 
 _lite_refs: dict[str, int] = {}

@@ -8,6 +8,7 @@ give the same model as one process with the same global batch (up to float summa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,93 +17,32 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
-from mmcompose.errors import ConfigError, MMComposeError
-from mmcompose.fs import atomic_dir, refuse_existing, write_json_atomic
-from mmcompose.model.config import AdapterSpec, LoRAConfig, TowerConfig
+from mmcompose.checkpoint import (
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+)
+from mmcompose.errors import CheckpointError, ConfigError, MMComposeError
+from mmcompose.fs import atomic_dir, exclusive, refuse_existing
+from mmcompose.model.config import AdapterSpec, LoRAConfig
 from mmcompose.model.modeling import MMComposeForCausalLM
 from mmcompose.model.processor import MMProcessor
 from mmcompose.model.splice import IGNORE_INDEX
+from mmcompose.train.config import (  # noqa: F401 (re-exported)
+    LoRASettings,
+    StageConfig,
+    TrainConfig,
+    load_train_config,
+)
 from mmcompose.train.data import Example, drop_unreadable, encode_example, load_conversations
 from mmcompose.train.features import FeatureCache
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StageConfig(_Strict):
-    epochs: float = Field(default=1.0, ge=0)
-    lr: float = Field(default=1e-3, gt=0)
-    batch_size: int = Field(default=8, gt=0)  # global batch
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    data: str | list[str] | None = None  # defaults to TrainConfig.data
-
-
-class LoRASettings(_Strict):
-    strategy: Literal["shared", "decoupled"] = "shared"
-    rank: int = Field(default=16, gt=0)
-    alpha: float = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
-
-
-class TrainConfig(_Strict):
-    """`mmcompose train` YAML."""
-
-    base_llm: str  # a Hugging Face LLM folder, or the name of a prepared base LLM
-    tower: TowerConfig
-    # Conversation JSON (reference format), or manifest JSONL(s): stage 1 then answers with
-    # captions and stage 2 with labels, from the ``split`` rows. ``dataset:NAME`` names a
-    # prepared offline dataset.
-    data: str | list[str]
-    split: str = "train"
-    lora: LoRASettings = LoRASettings()
-    stage1: StageConfig = StageConfig(lr=1e-3)
-    stage2: StageConfig = StageConfig(lr=2e-4)
-    max_length: int = Field(default=256, gt=8)
-    grad_clip: float = Field(default=1.0, gt=0)
-    seed: int = 0
-    checkpoint_every: int = Field(default=50, gt=0)
-    feature_cache: str | None = None  # default: the asset cache
-    device: str = "cpu"
-    # A media file that cannot be read (missing, truncated, undecodable): fail before training
-    # (default), or skip the examples using it, with a warning naming each file.
-    on_corrupt: Literal["fail", "skip"] = "fail"
-    # The system prompt every conversation gets when it has none (saved with the processor, so
-    # inference renders prompts the same way). None: the chat template's own default
-    # (SmolLM2's adds 16 tokens to every example); "": an empty system turn.
-    system_prompt: str | None = None
-    # "lstsq": fit the projector's output layer in closed form onto the embeddings of the
-    # stage-2 answers before stage 1 (see mmcompose.train.anchor); "random": plain init.
-    projector_init: Literal["random", "lstsq"] = "random"
-    # A trained model folder to start the tower (projector, prefix/suffix) from, e.g. a
-    # stage-1 run shared by the shared and decoupled variants (then stage1.epochs: 0).
-    init_from: str | None = None
-    init_ridge: float = Field(default=0.03, gt=0)
-
-
-def load_train_config(path: str | Path) -> tuple[TrainConfig, Path]:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config {path} not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    try:
-        return TrainConfig.model_validate(raw), path.parent
-    except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ConfigError(f"invalid train config {path}: {msgs}") from None
 
 
 @dataclass
@@ -210,13 +150,33 @@ def train(
     force: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train and write the model folder at ``out_dir``; resumable from ``<out_dir>.checkpoint``."""
-    from transformers import AutoTokenizer
+    """Train and write the model folder at ``out_dir``; resumable from ``<out_dir>.checkpoint``.
 
+    One training per output: a second one started meanwhile is refused (a lock on ``out_dir``
+    held by rank 0), so two never write one checkpoint."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     refuse_existing(out_dir, force)
     rank, world = _dist_setup(config.device)
+    with exclusive(out_dir, what="training output", enabled=rank == 0):
+        return _train(config, out_dir, config_dir, force, progress, rank, world, started)
+
+
+def _train(
+    config: TrainConfig,
+    out_dir: Path,
+    config_dir: Path,
+    force: bool,
+    progress: bool,
+    rank: int,
+    world: int,
+    started: float,
+) -> TrainResult:
+    from transformers import AutoTokenizer
+
+    ckpt = Path(f"{out_dir}.checkpoint")
+    digest = _config_digest(config)
+    saved = _read_checkpoint(ckpt, digest)  # before any work: a bad checkpoint fails now
     _seed_all(config.seed)
     llm_dir = _resolve_llm(config.base_llm, config_dir)
     m = config.tower.modality
@@ -255,8 +215,7 @@ def train(
     if skipped:
         datasets = drop_unreadable(datasets, m, skipped, warn=rank == 0)
 
-    ckpt = Path(f"{out_dir}.checkpoint")
-    resuming = (ckpt / "state.pt").is_file()  # a resumed run has its initialised tower
+    resuming = saved is not None  # a resumed run has its initialised tower
     init_note: dict = {}
     if config.init_from and not resuming:
         init_note = _init_tower_from(model, m, Path(config.init_from), config_dir)
@@ -264,7 +223,7 @@ def train(
         init_note = _anchor_projector(
             model, processor, features, datasets[2], m, frozen, config.init_ridge
         )
-    state = _load_checkpoint(ckpt, model)
+    state = _apply_checkpoint(saved, ckpt, model) if saved is not None else {}
     log: list[dict] = state.get("log", [])
     if init_note:
         log.append({"stage": 0, **init_note})
@@ -331,10 +290,10 @@ def train(
             bar.update(1)
             step_global += 1
             if rank == 0 and (step + 1) % config.checkpoint_every == 0 and step + 1 < len(batches):
-                _save_checkpoint(ckpt, model, opt, idx, step + 1, log)
+                _save_checkpoint(ckpt, model, opt, idx, step + 1, log, digest)
         bar.close()
         if rank == 0 and idx == 1:
-            _save_checkpoint(ckpt, model, None, 2, 0, log)
+            _save_checkpoint(ckpt, model, None, 2, 0, log, digest)
         state = {}
     model.eval()
     if rank == 0:
@@ -342,6 +301,9 @@ def train(
             model.write_to(tmp, processor)
             (tmp / "train_config.json").write_text(config.model_dump_json(indent=2))
             (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+            from mmcompose.model.card import write_card
+
+            write_card(tmp, name=out_dir.name)  # README.md: the model card
         _remove_checkpoint(ckpt)
     if world > 1:
         dist.barrier()
@@ -468,20 +430,27 @@ def _trainable_state(model: MMComposeForCausalLM) -> dict[str, torch.Tensor]:
     }
 
 
-def _save_checkpoint(ckpt: Path, model, opt, stage: int, step: int, log: list[dict]) -> None:
-    with atomic_dir(ckpt, overwrite=True) as tmp:
-        torch.save(
-            {
-                "params": _trainable_state(model),
-                "optimizer": opt.state_dict() if opt else None,
-                "stage": stage,
-                "step": step,
-                "log": log,
-                "rng": torch.get_rng_state(),
-            },
-            tmp / "state.pt",
-        )
-        write_json_atomic(tmp / "progress.json", {"stage": stage, "step": step})
+# Settings that do not change what a run computes: a resume may change them.
+_RESUMABLE_CHANGES = {"feature_cache", "checkpoint_every", "device"}
+
+
+def _config_digest(config: TrainConfig) -> str:
+    """What a checkpoint must have been trained with for a resume to continue it."""
+    data = config.model_dump(mode="json", exclude=_RESUMABLE_CHANGES)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(
+    ckpt: Path, model, opt, stage: int, step: int, log: list[dict], digest: str
+) -> None:
+    """Trainable weights, optimizer moments and the RNG state (safetensors) + JSON."""
+    tensors = {f"params/{n}": t for n, t in _trainable_state(model).items()}
+    tensors["rng/torch"] = torch.get_rng_state()
+    meta = {"stage": stage, "step": step, "log": log, "config_digest": digest, "optimizer": None}
+    if opt is not None:
+        opt_tensors, meta["optimizer"] = optimizer_to_flat(opt.state_dict(), "optimizer")
+        tensors.update(opt_tensors)
+    save_checkpoint(ckpt, tensors, meta)
 
 
 def _load_matching(
@@ -498,20 +467,47 @@ def _load_matching(
     model.load_state_dict(state, strict=False)
 
 
-def _load_checkpoint(ckpt: Path, model: MMComposeForCausalLM) -> dict:
-    f = ckpt / "state.pt"
-    if not f.is_file():
-        return {}
-    state = torch.load(f, weights_only=False)
+def _read_checkpoint(ckpt: Path, digest: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The checkpoint at ``ckpt`` (None: none there), refusing one of another config."""
+    saved = load_checkpoint(ckpt)
+    if saved is None:
+        return None
+    tensors, meta = saved
+    ok = (
+        meta.get("stage") in (1, 2)
+        and isinstance(meta.get("step"), int)
+        and isinstance(meta.get("log"), list)
+        and "rng/torch" in tensors
+    )
+    if not ok:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is damaged: it lacks the stage, step, log or RNG state",
+            hint=f"delete {ckpt} to start over",
+        )
+    if meta.get("config_digest") != digest:
+        raise ConfigError(
+            f"the checkpoint {ckpt} was written by a run with another config",
+            hint=f"train with the config it came from, or delete {ckpt} to start over",
+        )
+    return saved
+
+
+def _apply_checkpoint(
+    saved: tuple[dict[str, torch.Tensor], dict], ckpt: Path, model: MMComposeForCausalLM
+) -> dict:
+    """Load the checkpoint's weights and RNG state; return stage, step, log (and optimizer)."""
+    tensors, meta = saved
+    params = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("params/")}
     _load_matching(
         model,
-        state["params"],
+        params,
         f"the checkpoint {ckpt} was written by another model setup",
         hint=f"train with the config it came from, or delete {ckpt} to start over",
     )
-    torch.set_rng_state(state["rng"])
-    if state["optimizer"] is None:
-        state.pop("optimizer")
+    torch.set_rng_state(tensors["rng/torch"])
+    state = {"stage": meta["stage"], "step": meta["step"], "log": meta["log"]}
+    if meta.get("optimizer") is not None:
+        state["optimizer"] = optimizer_from_flat(tensors, meta["optimizer"], "optimizer")
     return state
 
 
