@@ -80,8 +80,9 @@ class LoRAAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
-        return F.linear(h, self.lora_B.to(x.dtype)) * self.scaling
+        # Scaling on the rank-r product: r/out of the work of scaling the output.
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scaling
+        return F.linear(h, self.lora_B.to(x.dtype))
 
     def delta_weight(self) -> Tensor:
         """The dense update dW = scaling * B @ A, shape (out, in), in at least float32 (half
@@ -113,13 +114,14 @@ class LoRALinear(nn.Linear):
             if name not in self.lora:
                 continue
             adapter = self.lora[name]
+            # In place on y, a fresh output that F.linear's backward does not need: one
+            # pass over y per adapter instead of a copy of it.
             if idx is None:
-                y = y + adapter(x)
+                y.add_(adapter(x))
             else:
                 flat_x = x.reshape(-1, self.in_features)
-                flat_y = y.reshape(-1, self.out_features)
                 delta = adapter(flat_x.index_select(0, idx))
-                y = flat_y.index_add(0, idx, delta.to(flat_y.dtype)).view_as(y)
+                y.view(-1, self.out_features).index_add_(0, idx, delta.to(y.dtype))
         return y
 
     @torch.no_grad()
