@@ -223,40 +223,66 @@ def test_shared_answers_file_must_answer_every_question(tmp_path, media_files):
 
 
 # ----------------------------------------------------------------------------- scoring
-def option_logprobs_by_forward(model, proc, item: MCUBItem) -> dict[str, float]:
-    """Each option scored on its own with one plain forward pass over prompt + answer."""
+def option_logprobs_by_forward(
+    model, proc, item: MCUBItem, continuation: str = "end_of_turn"
+) -> dict[str, float]:
+    """Each option scored on its own with one plain forward pass over prompt + answer:
+    ``end_of_turn`` scores option + end of turn after the prompt; ``lm_eval`` scores the
+    option alone, the prompt's trailing whitespace moved in front of it and the whole text
+    tokenised at once (lm-eval's ``_encode_pair``)."""
     msgs = item.messages()
     prompt = proc.render_chat(msgs, add_generation_prompt=True)
     modal = {m: proc.preprocess(m, v) for m, v in item.modal_inputs.items()}
     out = {}
     for letter, text in item.options.items():
+        if continuation == "lm_eval":
+            ctx = proc.tokenize(prompt.rstrip())
+            cont = proc.tokenize(prompt + text)[len(ctx) :]
+            ids = torch.tensor([ctx + cont])
+            out[letter] = _last_tokens_logprob(model, ids, cont, modal)
+            continue
         full = proc.render_chat([*msgs, {"role": "assistant", "content": text}], False)
         answer = full[len(prompt) :]  # scored up to and including the end-of-turn token
         answer = answer[: answer.index("<|im_end|>") + len("<|im_end|>")]
         cont = proc.tokenize(answer, add_special_tokens=False)
         ids = torch.tensor([proc.tokenize(prompt) + cont])
-        logits = model(ids, modal_inputs=modal).logits[0]  # over the spliced sequence
-        logp = logits[-len(cont) - 1 : -1].float().log_softmax(-1)
-        out[letter] = logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+        out[letter] = _last_tokens_logprob(model, ids, cont, modal)
     return out
 
 
-def test_loglikelihood_scoring_matches_plain_forward(tmp_path, media_files, tiny):
+def _last_tokens_logprob(model, ids, cont, modal) -> float:
+    """Summed log-probability of the last ``len(cont)`` tokens of ``ids`` (= ``cont``)."""
+    logits = model(ids, modal_inputs=modal).logits[0]  # over the spliced sequence
+    logp = logits[-len(cont) - 1 : -1].float().log_softmax(-1)
+    return logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+
+
+@pytest.mark.parametrize("continuation", ["lm_eval", "end_of_turn"])
+def test_loglikelihood_scoring_matches_plain_forward(tmp_path, media_files, tiny, continuation):
     model, proc = tiny
     items = load_mcub(*write_mcub(tmp_path, media_files, n=3))
-    r = evaluate_mcub(model, proc, items, ("loglikelihood",), batch_size=2, progress=False)
+    r = evaluate_mcub(
+        model,
+        proc,
+        items,
+        ("loglikelihood",),
+        batch_size=2,
+        progress=False,
+        continuation=continuation,
+    )
     assert set(r.correct) == {"acc,loglikelihood", "acc_norm,loglikelihood"} and r.n == 3
     for s, it in zip(r.samples, items, strict=True):
-        ref = option_logprobs_by_forward(model, proc, it)
+        ref = option_logprobs_by_forward(model, proc, it, continuation)
         got = s["option_logprobs"]
         # packed vs one forward per option: float32 rounding through the tiny LLM at the
         # scores' size (a misplaced query or mask moves a score by O(0.1..1))
         tol = llm_tol(model.config.text_config, max(map(abs, ref.values())))
         assert got == pytest.approx(ref, abs=tol)
         assert s["prediction"]["loglikelihood"] == max(ref, key=ref.get)
-        norm = {k: v / s["option_bytes"][k] for k, v in ref.items()}
+        # acc_norm as lm-eval defines it: divided by the option's length in characters
+        norm = {k: v / s["option_chars"][k] for k, v in ref.items()}
         assert s["prediction"]["loglikelihood_norm"] == max(norm, key=norm.get)
-        assert s["option_bytes"]["A"] == len(f"{it.options['A']}<|im_end|>".encode())
+        assert s["option_chars"]["A"] == len(it.options["A"])
     for key, pred in (
         ("acc,loglikelihood", "loglikelihood"),
         ("acc_norm,loglikelihood", "loglikelihood_norm"),
@@ -353,6 +379,7 @@ def test_cli_mcub_results_layout(run, tiny_model_dir, media_files, tmp_path):
     cfg = doc["configs"]["mcub_image_audio"]
     assert cfg["modalities"] == ["image", "audio"] and cfg["dataset_path"] == str(q)
     assert cfg["output_type"] == ["generate_until", "multiple_choice"]
+    assert cfg["continuation"] == "lm_eval"  # lm-evaluation-harness's scoring by default
     assert doc["n-samples"]["mcub_image_audio"] == {"original": 4, "effective": 4}
     (samples_file,) = (tmp_path / "out").glob("samples_mcub_image_audio_*.jsonl")
     samples = [json.loads(x) for x in samples_file.read_text().splitlines()]
@@ -421,6 +448,7 @@ def test_cli_bad_input_exits_2(run, tiny_model_dir, media_files, tmp_path, case)
     [
         (["--modalities", "smell"], "unknown modality 'smell'"),
         (["--mode", "guess"], "unknown mode 'guess'"),
+        (["--continuation", "eot"], "unknown continuation 'eot'"),
         (["--answers", "{q}"], "holds no gold answers"),
         (["--answers", "{missing}"], "not found"),
         (["--model", "{image_only}"], "its modalities: image"),

@@ -1,8 +1,8 @@
 """Named-object classification of a single-modality MLLM on a manifest split.
 
 Two scorings: generation (greedy answer, normalised, compared with the label) and
-log-likelihood over the label set (each label as the assistant's full answer; argmax), the
-way lm-evaluation-harness scores multiple choice.
+log-likelihood over the label set, scored as lm-evaluation-harness scores multiple choice
+(``acc`` and ``acc_norm``; the conventions in :mod:`mmcompose.bench.multiple_choice`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,17 @@ import torch
 from tqdm.auto import tqdm
 
 from mmcompose import manifest
+from mmcompose.bench.multiple_choice import (
+    DEFAULT_CONTINUATION,
+    METRICS,
+    Continuation,
+    check_continuation,
+    choose,
+    option_tokens,
+)
+from mmcompose.bench.multiple_choice import (
+    answer_continuations as answer_continuations,  # re-exported (benchmarks import it here)
+)
 from mmcompose.errors import MMComposeError
 from mmcompose.modalities import canonical_modality
 from mmcompose.model.media import OnCorrupt, warn_skipped
@@ -65,34 +76,6 @@ def readable_rows(
     return kept, skipped
 
 
-def answer_continuations(
-    processor: MMProcessor, messages: Sequence[dict[str, str]], answers: Sequence[str]
-) -> list[str]:
-    """Each answer rendered as the assistant's complete reply after ``messages`` (the text the
-    chat template adds after the generation prompt: answer + end of turn, cut after the
-    end-of-turn token), so log-likelihood
-    scoring asks "is this the whole answer" and "cow" does not win over "cowboy" by prefix."""
-    prompt = processor.render_chat(messages, add_generation_prompt=True)
-    out = []
-    for a in answers:
-        full = processor.render_chat(
-            [*messages, {"role": "assistant", "content": a}], add_generation_prompt=False
-        )
-        if not full.startswith(prompt):
-            raise MMComposeError(
-                "the chat template does not render the answer after the generation prompt",
-                hint="log-likelihood scoring needs a template whose turns render as prefixes",
-            )
-        cont = full[len(prompt) :]
-        # Stop at the end-of-turn token: what the template adds after it ("\n") is the same
-        # for every answer, so scoring it changes no ranking and costs a token per option.
-        eos = processor.tokenizer.eos_token
-        if eos and eos in cont:
-            cont = cont[: cont.index(eos) + len(eos)]
-        out.append(cont)
-    return out
-
-
 @dataclass
 class ClassifyResult:
     modality: str
@@ -126,7 +109,17 @@ def classify(
     max_new_tokens: int = 8,
     progress: bool = True,
     batch_size: int = 8,
+    continuation: Continuation = DEFAULT_CONTINUATION,
 ) -> ClassifyResult:
+    """Score each row by generation and/or log-likelihood over ``labels`` (``acc`` and
+    lm-eval's ``acc_norm``; ``continuation`` picks what follows the prompt, see
+    :mod:`mmcompose.bench.multiple_choice`)."""
+    continuation = check_continuation(continuation)
+    bad = [m for m in modes if m not in METRICS]
+    if bad or not modes:
+        raise MMComposeError(
+            f"unknown mode(s) {bad or modes}", hint="use generate or loglikelihood"
+        )
     modality = canonical_modality(rows[0]["modality"])
     if modality not in model.modalities:
         raise MMComposeError(
@@ -135,21 +128,21 @@ def classify(
         )
     labels = sorted({r["label"] for r in rows}) if labels is None else list(labels)
     question = QUESTIONS[modality][0]
-    prompt_text = processor.format_prompt(f"<{modality}>\n{question}")
-    prompt_ids = processor.tokenize(prompt_text)
-    answers = [
-        processor.tokenize(c, add_special_tokens=False)
-        for c in answer_continuations(
-            processor, [{"role": "user", "content": f"<{modality}>\n{question}"}], labels
-        )
-    ]
+    messages = [{"role": "user", "content": f"<{modality}>\n{question}"}]
+    prompt_text = processor.format_prompt(messages[0]["content"])
+    ids = torch.tensor([processor.tokenize(prompt_text)])  # the generation prompt
+    # Scored after the prompt as lm-eval tokenises it (trailing whitespace moved into each
+    # label's continuation); one context for every label.
+    ctx, answers = option_tokens(
+        processor, prompt_text, messages, labels, continuation, chat=processor.use_chat_template
+    )
     eos = [processor.tokenizer.eos_token_id]
-    res = ClassifyResult(modality, len(rows), labels, {f"acc,{m}": [] for m in modes})
+    keys = [k for m in modes for k in METRICS[m]]
+    res = ClassifyResult(modality, len(rows), labels, {k: [] for k in keys})
     bar = tqdm(total=len(rows), desc=f"classify {modality}", disable=not progress)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         xs = [processor.preprocess(modality, [r["path"]]) for r in chunk]
-        ids = torch.tensor([prompt_ids])
         samples: list[dict[str, Any]] = [{"id": r["id"], "label": r["label"]} for r in chunk]
         if "generate" in modes:
             for r, x, sample in zip(chunk, xs, samples, strict=True):
@@ -161,11 +154,13 @@ def classify(
                 sample["generation"] = pred
         if "loglikelihood" in modes:
             # All labels of several rows in one packed forward pass (score_requests).
-            reqs = [ScoreRequest(ids[0], answers, {modality: x}) for x in xs]
+            reqs = [ScoreRequest(torch.tensor(ctx), answers, {modality: x}) for x in xs]
             for r, scores, sample in zip(chunk, model.score_requests(reqs), samples, strict=True):
-                pred_ll = labels[int(scores.argmax())]
-                res.correct["acc,loglikelihood"].append(float(pred_ll == r["label"]))
-                sample["loglikelihood_choice"] = pred_ll
+                best, best_norm = choose(scores.tolist(), labels)
+                res.correct["acc,loglikelihood"].append(float(labels[best] == r["label"]))
+                res.correct["acc_norm,loglikelihood"].append(float(labels[best_norm] == r["label"]))
+                sample["loglikelihood_choice"] = labels[best]
+                sample["loglikelihood_norm_choice"] = labels[best_norm]
         res.samples.extend(samples)
         bar.update(len(chunk))
     bar.close()

@@ -7,6 +7,7 @@ model folder, media files), so a mistake costs no model load and shows no progre
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,20 @@ def run_eval(
     log_samples: bool = False,
     limit: int | None = None,
     on_corrupt: str = "fail",
+    continuation: str = "lm_eval",
 ) -> EvalReport:
     """Evaluate ``model_dir`` on ``task`` and (rank 0) write the results file to ``out_dir``.
 
-    Under torchrun each process scores a strided shard of the items."""
+    ``continuation``: what log-likelihood scoring scores after the prompt, lm-evaluation-
+    harness's convention (``lm_eval``) or option + end of turn (``end_of_turn``), see
+    :mod:`mmcompose.bench.multiple_choice`. Under torchrun each process scores a strided shard
+    of the items."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}", hint="tasks: classify, mcub")
+    from mmcompose.bench.multiple_choice import check_continuation
+
+    continuation = check_continuation(continuation)
+    started = time.time()
     if data is None:
         what = "MANIFEST" if task == "classify" else "QUESTIONS.json"
         raise ConfigError(
@@ -83,11 +92,19 @@ def run_eval(
         from mmcompose.bench.results import check_results_dir
 
         check_results_dir(out_dir)  # before the work, not after it
-    inputs = (
-        _classify_inputs(data, split, limit)
-        if task == "classify"
-        else _mcub_inputs(data, answers, modalities, limit)
-    )
+    if task == "mcub":  # the files' format, before the scoring code (torch) is imported
+        from mmcompose.train.data import load_conversations
+
+        for f in (data, answers):
+            if f is not None:
+                load_conversations(f)
+    else:
+        inputs = _classify_inputs(data, split, limit)
+    from mmcompose.model.config import MMConfig
+
+    MMConfig.from_dir(model_dir)  # a missing or damaged folder, also before torch
+    if task == "mcub":
+        inputs = _mcub_inputs(data, answers, modalities, limit)
     from mmcompose.model import MMComposeForCausalLM, MMProcessor
 
     processor = MMProcessor.from_pretrained(model_dir)  # tokenizer/config errors: no load yet
@@ -96,13 +113,13 @@ def run_eval(
     model.fold_for_inference()
     from mmcompose.bench.distributed import data_parallel
 
-    opts = _Options(modes, max_new_tokens, batch_size, on_corrupt, split, answers)
+    opts = _Options(modes, max_new_tokens, batch_size, on_corrupt, split, answers, continuation)
     with data_parallel() as dp:
         score = _score_classify if task == "classify" else _score_mcub
         scored = score(model, processor, inputs, dp, opts)
     if not dp.main:
         return EvalReport(main=False)
-    from mmcompose.bench.results import task_block, write_results
+    from mmcompose.bench.results import model_facts, task_block, write_results
 
     name, n = scored.name, scored.n
     report = EvalReport(name, n, scored.extra, task_block(scored.correct, name), [*scored.correct])
@@ -115,10 +132,23 @@ def run_eval(
             {
                 "model": "mmcompose",
                 "model_args": f"pretrained={model_dir}",
-                "device": "cpu",
+                "model_num_parameters": sum(model.parameter_counts().values()),
+                "model_dtype": str(model.language_model.dtype),
+                "batch_size": batch_size,
+                "device": str(model.device),
+                "limit": limit,
+                "gen_kwargs": {"max_new_tokens": max_new_tokens, "do_sample": False},
                 "world_size": dp.world,
             },
             {name: scored.samples} if log_samples else None,
+            facts=model_facts(
+                str(model_dir),
+                processor.tokenizer,
+                max_length=getattr(model.language_model.config, "max_position_embeddings", None),
+                chat_template=getattr(processor.tokenizer, "chat_template", None),
+                system_instruction=processor.system_prompt,
+            ),
+            start_time=started,
         )
     return report
 
@@ -131,6 +161,7 @@ class _Options:
     on_corrupt: str
     split: str
     answers: Path | None
+    continuation: str
 
 
 @dataclass
@@ -146,7 +177,7 @@ class _Scored:
 
 
 def _classify_inputs(data: Path, split: str, limit: int | None) -> tuple[list, list[str]]:
-    from mmcompose.bench.classify import read_manifest
+    from mmcompose.manifest import read_manifest
 
     rows = read_manifest(data, split)[:limit]
     # The label set is the whole dataset's (closed-set), whatever the split or --limit.
@@ -187,6 +218,7 @@ def _score_classify(model, processor, inputs, dp, opts: _Options) -> _Scored:
                 modes=opts.modes,
                 max_new_tokens=opts.max_new_tokens,
                 progress=dp.main,
+                continuation=opts.continuation,
             )
             if mine
             else None
@@ -198,6 +230,7 @@ def _score_classify(model, processor, inputs, dp, opts: _Options) -> _Scored:
         "labels": r.labels,
         "output_type": list(opts.modes),
         "skipped_unreadable": sorted(skipped),
+        "continuation": opts.continuation,
     }
     extra = {"labels": str(len(r.labels))}
     return _Scored(f"classify_{r.modality}", r.n, r.correct, r.samples, extra, config)
@@ -207,7 +240,11 @@ def _score_mcub(model, processor, items, dp, opts: _Options) -> _Scored:
     from mmcompose.bench import mcub
 
     mcub.check_inputs(items, model.modalities)  # all ranks, all items: fail together
-    kwargs = {"max_new_tokens": opts.max_new_tokens, "batch_size": opts.batch_size}
+    kwargs = {
+        "max_new_tokens": opts.max_new_tokens,
+        "batch_size": opts.batch_size,
+        "continuation": opts.continuation,
+    }
     parts = dp.run(
         lambda: mcub.evaluate_mcub(
             model, processor, dp.take(items), opts.modes, **kwargs, progress=dp.main
@@ -222,6 +259,7 @@ def _score_mcub(model, processor, items, dp, opts: _Options) -> _Scored:
         "output_type": [output_type[m] for m in opts.modes],
         "generation_kwargs": {"max_new_tokens": opts.max_new_tokens, "do_sample": False},
         "metric_list": list(res.correct),
+        "continuation": opts.continuation,
     }
     extra = {"modalities": ",".join(used)}
     return _Scored(f"mcub_{'_'.join(used)}", res.n, res.correct, res.samples, extra, config)

@@ -3,10 +3,12 @@
 An item gives inputs of 3-4 modalities and asks which attribute they share, with options A-D.
 The reference scores greedy generation by its first character and divides by the number of
 predictions; here the option letter is parsed properly, accuracy is over the gold items (no
-parse = wrong), and the options can also be scored by log-likelihood the way
-lm-evaluation-harness scores multiple choice: each option's text as the assistant's whole
-answer (text + the chat template's end of turn), ``acc`` = argmax of its summed
-log-probability, ``acc_norm`` = argmax of that divided by the continuation's UTF-8 byte length.
+parse = wrong), and the options can also be scored by log-likelihood exactly as
+lm-evaluation-harness scores multiple choice (:mod:`mmcompose.bench.multiple_choice`): each
+option's text after the chat prompt, its trailing whitespace moved into the option before
+tokenising, ``acc`` = argmax of the summed log-probability, ``acc_norm`` = argmax of that divided
+by the option's length in characters. ``continuation="end_of_turn"`` scores option + the chat
+template's end of turn instead (so "cow" does not beat "cowboy" as a prefix).
 
 File format (spec section 5): a JSON list of ``{id, conversations, modal_inputs}``; the last
 turn is ``{"from": "gpt", "value": null}`` in the questions file and the gold letter in the
@@ -27,7 +29,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmcompose.bench.classify import answer_continuations, normalize
+from mmcompose.bench import multiple_choice as mc
+from mmcompose.bench.classify import normalize
 from mmcompose.errors import MediaError, MMComposeError
 from mmcompose.modalities import MODALITIES, canonical_modality
 from mmcompose.model.modeling import MMComposeForCausalLM, ScoreRequest
@@ -38,10 +41,7 @@ _log = logging.getLogger(__name__)
 LETTERS = ("A", "B", "C", "D")
 OPTION_RE = re.compile(r"^\s*([A-D])[.):]\s*(.+?)\s*$", re.MULTILINE)
 MODES = ("generate", "loglikelihood")
-METRICS = {
-    "generate": ("acc,generate",),
-    "loglikelihood": ("acc,loglikelihood", "acc_norm,loglikelihood"),
-}
+METRICS = mc.METRICS
 _PRED = {  # metric key -> the sample's prediction it scores
     "acc,generate": "generate",
     "acc,loglikelihood": "loglikelihood",
@@ -241,11 +241,14 @@ def evaluate_mcub(
     max_new_tokens: int = 8,
     batch_size: int = 8,
     progress: bool = True,
+    continuation: mc.Continuation = mc.DEFAULT_CONTINUATION,
 ) -> MCUBResult:
-    """Score items by greedy generation and/or option log-likelihood.
+    """Score items by greedy generation and/or option log-likelihood (``continuation``: what
+    is scored after the prompt, :mod:`mmcompose.bench.multiple_choice`).
 
     Each batch of prompts is preprocessed once; generation runs on the left-padded batch and
     log-likelihood for the whole batch in one packed forward pass (``score_requests``)."""
+    continuation = mc.check_continuation(continuation)
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise MMComposeError(f"unknown mode(s) {bad or modes}", hint=f"use {' or '.join(MODES)}")
@@ -268,7 +271,7 @@ def evaluate_mcub(
             generations = [processor.decode(_until(row.tolist(), eos)).strip() for row in out]
         offset = dict.fromkeys(MODALITIES, 0)
         chunk_samples: list[dict[str, Any]] = []
-        requests: list[tuple[ScoreRequest, list[str], list[int]]] = []
+        requests: list[tuple[ScoreRequest, list[str]]] = []
         for b, it in enumerate(chunk):
             modal = {}
             for m, paths in it.modal_inputs.items():
@@ -281,13 +284,12 @@ def evaluate_mcub(
                 s["generation"] = generations[b]
                 s["prediction"]["generate"] = parse_letter(generations[b], it.options)
             if "loglikelihood" in modes:
-                ids = batch["input_ids"][b][batch["attention_mask"][b].bool()]
-                requests.append(_option_request(processor, it, ids, modal))
+                requests.append(_option_request(processor, it, texts[b], modal, continuation))
             chunk_samples.append(s)
         if requests:  # every item's options, the whole chunk in one packed forward pass
-            scores = model.score_requests([r for r, _, _ in requests])
-            for s, (_, letters, nbytes), sc in zip(chunk_samples, requests, scores, strict=True):
-                _fill_option_scores(s, letters, nbytes, sc.tolist())
+            scores = model.score_requests([r for r, _ in requests])
+            for s, it, sc in zip(chunk_samples, chunk, scores, strict=True):
+                _fill_option_scores(s, it.options, sc.tolist())
         for it, s in zip(chunk, chunk_samples, strict=True):
             # No gold: nothing to score. No parsed prediction (None): wrong.
             s["correct"] = (
@@ -302,31 +304,31 @@ def evaluate_mcub(
 
 
 def _option_request(
-    processor: MMProcessor, it: MCUBItem, ids: torch.Tensor, modal: dict[str, torch.Tensor]
-) -> tuple[ScoreRequest, list[str], list[int]]:
-    """Each option's text as the assistant's whole answer, to be scored after the prompt;
-    with the option letters and each continuation's UTF-8 byte length (for acc_norm)."""
+    processor: MMProcessor,
+    it: MCUBItem,
+    prompt: str,
+    modal: dict[str, torch.Tensor],
+    continuation: mc.Continuation,
+) -> tuple[ScoreRequest, list[str]]:
+    """Every option of one item after its rendered chat ``prompt``, tokenised as lm-eval
+    tokenises a (context, continuation) pair; with the option letters in order."""
     letters = list(it.options)
-    conts = answer_continuations(processor, it.messages(), [it.options[k] for k in letters])
-    tokens = [processor.tokenize(c, add_special_tokens=False) for c in conts]
-    nbytes = [len(c.encode("utf-8")) for c in conts]
-    return ScoreRequest(ids, tokens, modal), letters, nbytes
+    answers = [it.options[k] for k in letters]
+    ctx, conts = mc.option_tokens(processor, prompt, it.messages(), answers, continuation)
+    return ScoreRequest(torch.tensor(ctx), conts, modal), letters
 
 
 def _fill_option_scores(
-    sample: dict[str, Any], letters: list[str], nbytes: list[int], scores: list[float]
+    sample: dict[str, Any], options: Mapping[str, str], scores: list[float]
 ) -> None:
-    """Summed log-probability per option, and that divided by the byte length (lm-eval's
-    acc_norm); the prediction under each is the arg-max."""
-    norm = [lp / n for lp, n in zip(scores, nbytes, strict=True)]
+    """Summed log-probability per option; the predictions are lm-eval's arg-maxes: of the
+    scores (``acc``) and of the scores divided by the option's characters (``acc_norm``)."""
+    letters = list(options)
+    best, best_norm = mc.choose(scores, [options[k] for k in letters])
     sample["option_logprobs"] = dict(zip(letters, scores, strict=True))
-    sample["option_bytes"] = dict(zip(letters, nbytes, strict=True))
-    sample["prediction"]["loglikelihood"] = letters[
-        max(range(len(letters)), key=scores.__getitem__)
-    ]
-    sample["prediction"]["loglikelihood_norm"] = letters[
-        max(range(len(letters)), key=norm.__getitem__)
-    ]
+    sample["option_chars"] = {k: len(v) for k, v in options.items()}
+    sample["prediction"]["loglikelihood"] = letters[best]
+    sample["prediction"]["loglikelihood_norm"] = letters[best_norm]
 
 
 def _until(ids: list[int], eos: Sequence[int]) -> list[int]:
