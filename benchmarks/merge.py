@@ -14,6 +14,12 @@ grows as the model doubles.
     python benchmarks/merge.py                       # 1 GB models, 3 repeats, sweep 0.25..2 GB
     python benchmarks/merge.py --size-gb 0.25 --repeats 1 --sweep ''   # quick
     python benchmarks/merge.py --shape 7b --layers 4 --sweep ''        # Llama-2-7B shapes
+    python benchmarks/merge.py --size-gb 0.25 --methods ties --ties-repeats 3 --sweep '' \
+        --tools mmcompose,mmcompose-sort,mergekit,copy   # selection vs the sort of before
+
+The ``mmcompose-sort`` contender is mmcompose with ``mmcompose.compose.selection.SELECTION =
+"sort"``, the full sort that magnitude selection used before; its output must be
+bit-identical to mmcompose's (reported as ``<method>/sort`` in the agreement).
 
 mergekit is LGPL and only a benchmark/test tool here: it runs as an external command.
 """
@@ -45,7 +51,9 @@ if TYPE_CHECKING:  # torch is imported lazily: the copy baseline must not pay fo
 
 MB = 1 << 20
 GB = 1 << 30
-TOOLS = ("mmcompose", "mergekit", "copy")
+# mmcompose-sort: mmcompose with the magnitude selection of before (a full sort), for A/B runs
+TOOLS = ("mmcompose", "mmcompose-sort", "mergekit", "copy")
+OURS = ("mmcompose", "mmcompose-sort")
 METHODS = ("linear", "ties")
 
 # ---------------------------------------------------------------- model shapes
@@ -318,6 +326,9 @@ OURS_RUNNER = (
     "import sys\nfrom mmcompose.compose import run_from_yaml\n"
     "run_from_yaml(sys.argv[1], sys.argv[2], progress=False)\n"
 )
+# The CLI (or the runner), with mmcompose.compose.selection.SELECTION = "sort" set first.
+SORT_PRELUDE = "import mmcompose.compose.selection as s; s.SELECTION = 'sort'\n"
+CLI_RUNNER = "import runpy, sys\nsys.argv[0] = 'mmcompose'\nrunpy.run_module('mmcompose', run_name='__main__')\n"
 
 
 def commands(
@@ -327,6 +338,11 @@ def commands(
         if use_cli:
             return [sys.executable, "-m", "mmcompose", "compose", str(cfg), "-o", str(out)]
         return [sys.executable, "-c", OURS_RUNNER, str(cfg), str(out)]
+    if tool == "mmcompose-sort":
+        if use_cli:
+            code = SORT_PRELUDE + CLI_RUNNER
+            return [sys.executable, "-c", code, "compose", str(cfg), "-o", str(out)]
+        return [sys.executable, "-c", SORT_PRELUDE + OURS_RUNNER, str(cfg), str(out)]
     if tool == "mergekit":
         shard_params = args.out_shard_mb * MB // 2  # bf16 output: 2 bytes per parameter
         return [
@@ -455,6 +471,7 @@ def bench_size(
         (root / f"{method}-mmcompose.yaml").write_text(yaml.safe_dump(ours, sort_keys=False))
         cfgs[method] = {
             "mmcompose": root / f"{method}-mmcompose.yaml",
+            "mmcompose-sort": root / f"{method}-mmcompose.yaml",
             "mergekit": root / f"{method}.yaml",
             "copy": root / f"{method}.yaml",
         }
@@ -484,12 +501,16 @@ def bench_size(
                 )
                 if run.returncode:
                     print(run.stderr_tail, file=sys.stderr)
-            a, b = root / f"out-mmcompose-{method}", root / f"out-mergekit-{method}"
-            if rep == 0 and a.is_dir() and b.is_dir():
-                res.agreement[method] = compare_in_child(a, b, root / f"cmp-{method}.json")
-                ag = res.agreement[method]
+            a = root / f"out-mmcompose-{method}"
+            # ours vs mergekit under the method's name; vs the sort-based selection as "/sort"
+            for key, other in ((method, "mergekit"), (f"{method}/sort", "mmcompose-sort")):
+                b = root / f"out-{other}-{method}"
+                if rep != 0 or not (a.is_dir() and b.is_dir()):
+                    continue
+                cmp_file = root / f"cmp-{key.replace('/', '-')}.json"
+                ag = res.agreement[key] = compare_in_child(a, b, cmp_file)
                 print(
-                    f"[{tag}] {method}: {ag['tensors_compared']} tensors, max abs diff "
+                    f"[{tag}] {key}: {ag['tensors_compared']} tensors, max abs diff "
                     f"{ag['max_abs_diff']} ({ag['worst_tensor']}), {ag['exact_tensors']} exact",
                     flush=True,
                 )
@@ -527,7 +548,7 @@ def table(res: SizeResult) -> str:
     for method in [*METHODS, "copy"]:
         mk_t = _median(res.runs, "mergekit", method, "wall_s")
         mk_r = _median(res.runs, "mergekit", method, "maxrss_mb")
-        for tool in ("copy",) if method == "copy" else ("mmcompose", "mergekit"):
+        for tool in ("copy",) if method == "copy" else (*OURS, "mergekit"):
             t = _median(res.runs, tool, method, "wall_s")
             if t is None:
                 continue
@@ -544,7 +565,7 @@ def table(res: SizeResult) -> str:
 
 
 def sweep_table(results: list[SizeResult]) -> str:
-    cols = [(m, t) for m in METHODS for t in ("mmcompose", "mergekit")]
+    cols = [(m, t) for m in METHODS for t in (*OURS, "mergekit") if _has(results, t, m)]
     head = "| model GiB | layers | " + " | ".join(f"{m} {t} RSS MB / s" for m, t in cols)
     head += " | copy RSS MB / s |\n|" + "---|" * (len(cols) + 3)
     rows = [head]
@@ -560,6 +581,10 @@ def sweep_table(results: list[SizeResult]) -> str:
     return "\n".join(rows)
 
 
+def _has(results: list[SizeResult], tool: str, method: str) -> bool:
+    return any(r.tool == tool and r.method == method for res in results for r in res.runs)
+
+
 def plot(results: list[SizeResult], path: Path) -> str:
     try:
         import matplotlib
@@ -570,7 +595,8 @@ def plot(results: list[SizeResult], path: Path) -> str:
         return "matplotlib is not installed: no plot"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     xs = [r.model_bytes / GB for r in sorted(results, key=lambda r: r.size_gb)]
-    for m, t in [(m, t) for m in METHODS for t in ("mmcompose", "mergekit")] + [("copy", "copy")]:
+    pairs = [(m, t) for m in METHODS for t in (*OURS, "mergekit") if _has(results, t, m)]
+    for m, t in [*pairs, ("copy", "copy")]:
         rs = sorted(results, key=lambda r: r.size_gb)
         label = "copy" if t == "copy" else f"{t} {m}"
         axes[0].plot(xs, [_median(r.runs, t, m, "maxrss_mb") for r in rs], "o-", label=label)
@@ -663,6 +689,7 @@ def _sizes(args: argparse.Namespace) -> Iterator[tuple[float, LlamaShape, int]]:
 
 STARTUP = {
     "mmcompose": "from mmcompose.compose import run_from_yaml; import mmcompose.compose.executor",
+    "mmcompose-sort": "from mmcompose.compose import run_from_yaml; import mmcompose.compose.executor",
     "mergekit": "from mergekit.scripts.run_yaml import main",
     "copy": "pass",
 }
@@ -713,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n" + sweep_table(results))
         return 0
     args = parse_args(argv)
-    use_cli = "mmcompose" in args.tools and cli_has_compose()
+    use_cli = bool(set(OURS) & set(args.tools)) and cli_has_compose()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mmcompose-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"workdir {work}; mmcompose via {'CLI' if use_cli else 'run_from_yaml runner'}")
@@ -729,11 +756,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_res = results[0]
     print(f"\n## {main_res.model_bytes / GB:.2f} GiB models, median of {args.repeats}\n")
     print(table(main_res))
-    for method, ag in main_res.agreement.items():
+    for key, ag in main_res.agreement.items():
+        method, _, sort = key.partition("/")
+        other = "mmcompose-sort" if sort else "mergekit"
         print(
-            f"\n{method}: ours vs mergekit, {ag['tensors_compared']} tensors, max abs diff "
+            f"\n{method}: ours vs {other}, {ag['tensors_compared']} tensors, max abs diff "
             f"{ag['max_abs_diff']} on {ag['worst_tensor']}, {ag['exact_tensors']} bit-identical; "
-            f"only ours {ag['only_ours']}, only mergekit {ag['only_mergekit']}"
+            f"only ours {ag['only_ours']}, only {other} {ag['only_mergekit']}"
         )
     if len(results) > 1:
         print("\n## Peak RSS (MB) / wall time (s) vs model size\n")

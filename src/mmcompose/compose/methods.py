@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from torch import Tensor
 
+from mmcompose.compose.selection import magnitude_mask
 from mmcompose.errors import ConfigError, MergeError
 from mmcompose.registry import Registry
 
@@ -125,24 +126,36 @@ def task_vector_merge(
     work = torch.float64 if dtype == torch.float64 else torch.float32
     base_w = None if base is None else base.to(work)
 
-    taus = (
-        _sparsify(_task_vector(t, base_w, work), sparsify, d, g, rescale, semantics, generator)
-        for t, d, g in zip(tensors, densities, gammas, strict=True)
-    )
+    def sparse_tau(t: Tensor, d: float, g: float, out: Tensor | None = None) -> Tensor:
+        tau = _task_vector(t, base_w, work, out)
+        return _sparsify(tau, sparsify, d, g, rescale, semantics, generator)
+
     if consensus is None:
+        taus = (sparse_tau(*a) for a in zip(tensors, densities, gammas, strict=True))
         mixed, divisor = _plain_sum(taus, w, semantics)
-    else:
-        mixed, divisor = _disjoint_sum(torch.stack(list(taus)), w, consensus, semantics)
+    else:  # sign election needs all task vectors at once: each is built in its row
+        stacked = torch.empty((n, *tensors[0].shape), dtype=work, device=tensors[0].device)
+        for row, *a in zip(stacked, tensors, densities, gammas, strict=True):
+            sparse_tau(*a, out=row)
+        mixed, divisor = _disjoint_sum(stacked, w, consensus, semantics, normalize)
     if normalize:
+        assert divisor is not None
         mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
-    return (mixed if base_w is None else base_w + mixed).to(dtype)
+    return (mixed if base_w is None else mixed.add_(base_w)).to(dtype)
 
 
-def _task_vector(tensor: Tensor, base: Tensor | None, work: torch.dtype) -> Tensor:
-    # Always a fresh tensor: later steps work in place and must not touch the inputs.
-    return tensor.to(work, copy=True) if base is None else tensor.to(work) - base
+def _task_vector(
+    tensor: Tensor, base: Tensor | None, work: torch.dtype, out: Tensor | None = None
+) -> Tensor:
+    """tensor - base in ``work`` dtype, into ``out`` if given.
+
+    Always a fresh tensor: later steps work in place and must not touch the inputs.
+    """
+    if out is None:
+        out = torch.empty(tensor.shape, dtype=work, device=tensor.device)
+    return out.copy_(tensor) if base is None else torch.sub(tensor, base, out=out)
 
 
 def _sparsify(
@@ -154,7 +167,7 @@ def _sparsify(
     semantics: Semantics,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Zero part of tau. density 1 returns tau untouched and draws no random numbers."""
+    """Zero part of tau, in place. density 1 returns tau untouched and draws no random numbers."""
     if method == "none" or density >= 1:
         return tau
     if method == "magnitude":
@@ -163,20 +176,21 @@ def _sparsify(
         mask = torch.bernoulli(torch.full_like(tau, density), generator=generator)
     else:
         mask = _outlier_mask(tau, density, gamma)
-    kept = tau * mask
+    before = tau.abs().sum() if rescale and semantics == "mergekit" else None
+    kept = tau.mul_(mask)
     if not rescale:
         return kept
-    return kept / density if semantics == "peft" else _match_l1(tau, kept)
+    return kept.div_(density) if before is None else _match_l1(before, kept)
 
 
 def _top_k_mask(tau: Tensor, density: float, semantics: Semantics) -> Tensor:
-    flat = tau.abs().reshape(-1)
-    mask = torch.zeros_like(flat)
-    if semantics == "peft":
-        mask[torch.topk(flat, int(density * flat.numel())).indices] = 1
-    else:
-        k = max(1, int(density * flat.numel()))
-        mask[torch.argsort(flat, descending=True)[:k]] = 1
+    """1 at the k largest |tau|: ``argsort(|tau|, descending=True)[:k]`` (``topk`` for PEFT)."""
+    n = tau.numel()
+    if semantics == "mergekit":
+        return magnitude_mask(tau, 0, max(1, int(density * n)), descending=True).view_as(tau)
+    mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+    # sorted=False: the same entries (CPU topk runs nth_element, then only sorts them)
+    mask[torch.topk(tau.abs().reshape(-1), int(density * n), sorted=False).indices] = 1
     return mask.view_as(tau)
 
 
@@ -185,19 +199,18 @@ def _outlier_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
 
     Like mergekit, fewer outliers are dropped when density + gamma exceeds 1.
     """
-    flat = tau.abs().reshape(-1)
-    keep, top = int(density * flat.numel()), int(gamma * flat.numel())
-    skip = max(0, flat.numel() - keep - top)
-    mask = torch.zeros_like(flat)
-    mask[torch.sort(flat, descending=False).indices[skip : skip + keep]] = 1
-    return mask.view_as(tau)
+    n = tau.numel()
+    keep, top = int(density * n), int(gamma * n)
+    skip = max(0, n - keep - top)
+    return magnitude_mask(tau, skip, skip + keep, descending=False).view_as(tau)
 
 
-def _match_l1(tau: Tensor, kept: Tensor, eps: float = 1e-7) -> Tensor:
-    before, after = tau.abs().sum(), kept.abs().sum()
+def _match_l1(before: Tensor, kept: Tensor, eps: float = 1e-7) -> Tensor:
+    """Scale kept to the L1 norm tau had before sparsifying (``before``)."""
+    after = kept.abs().sum()
     if before < eps or after < eps:
         return kept
-    return kept * (before / after)
+    return kept.mul_(before / after)
 
 
 def _plain_sum(
@@ -215,9 +228,16 @@ def _plain_sum(
 
 
 def _disjoint_sum(
-    taus: Tensor, weights: list[float], consensus: Consensus, semantics: Semantics
-) -> tuple[Tensor, Tensor]:
-    """Sum the w_i * tau_i whose sign agrees with the elected one; also return the divisor."""
+    taus: Tensor,
+    weights: list[float],
+    consensus: Consensus,
+    semantics: Semantics,
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Sum the w_i * tau_i whose sign agrees with the elected one; also the divisor if normalize.
+
+    Works in place on ``taus`` (the stacked task vectors).
+    """
     w = torch.tensor(weights, dtype=taus.dtype, device=taus.device)
     w = w.view(-1, *([1] * (taus.dim() - 1)))
     if semantics == "peft":  # PEFT elects on unweighted task vectors
@@ -226,18 +246,18 @@ def _disjoint_sum(
     else:
         taus.mul_(w)
         agree = _majority_mask(taus, consensus)
-    mixed = (taus * agree).sum(dim=0)
-    divisor = (w * agree).sum(dim=0) if semantics == "mergekit" else agree.sum(dim=0)
-    divisor = divisor.to(taus.dtype)
-    divisor[divisor == 0] = 1
-    return mixed, divisor
+    mixed = taus.mul_(agree).sum(dim=0)
+    if not normalize:
+        return mixed, None
+    divisor = (agree.mul_(w) if semantics == "mergekit" else agree).sum(dim=0)
+    return mixed, divisor.masked_fill_(divisor == 0, 1)
 
 
 def _majority_mask(taus: Tensor, consensus: Consensus) -> Tensor:
-    sign = taus.sign()
-    votes = taus.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)
-    majority = (votes >= 0).to(taus.dtype) * 2 - 1  # ties go to +
-    return sign == majority
+    """1.0 where sign(tau_i) is the elected sign, else 0.0 (in taus' dtype)."""
+    votes = taus.sum(dim=0) if consensus == "sum" else taus.sign().sum(dim=0)
+    majority = torch.where(votes >= 0, 1.0, -1.0).to(taus.dtype)  # ties go to +
+    return torch.mul(taus, majority).gt_(0)  # tau * (+-1) > 0: its sign is the majority
 
 
 # ---------------------------------------------------------------- input checks
@@ -362,7 +382,9 @@ class BoundMerge:
         return self.method.fn(tensors, self.weights, base, generator=generator, **self.kwargs)
 
 
-MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+MERGE_METHODS: Registry[MergeMethod] = Registry(
+    "merge method", plugins=("mmcompose.compose.methods_interp", "mmcompose.compose.methods_select")
+)
 _MODEL_CONFIG = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
