@@ -97,3 +97,20 @@ def test_train_writes_a_card(setup, tmp_path):  # noqa: F811
     assert meta["modalities"] == ["text", "image"]
     assert "# trained\n" in body and "Final training loss, stage 2" in body
     assert _config_block(body)["tower"]["encoder"]["name"] == "patch_embed"
+
+
+def test_eval_into_the_models_eval_folder_updates_its_card(tmp_path, sources):  # noqa: F811
+    from mmcompose.bench.evaluate import _refresh_card_if_inside
+
+    out = tmp_path / "naive"
+    cfg = _config(sources["shared"], weights=[1 / 3] * 3, composition="naivemc")
+    run_from_yaml(_yaml(tmp_path, "naive", cfg), out, progress=False)
+    block = {"mcub": {"acc,none": 0.5, "acc_stderr,none": 0.1}}
+    elsewhere = tmp_path / "results"
+    write_results(elsewhere, block, {"mcub": {"task": "mcub"}}, {"mcub": 4}, {"model": "x"})
+    _refresh_card_if_inside(out, elsewhere)  # results outside the folder: the card stays
+    assert "No results yet" in (out / "README.md").read_text()
+    inside = out / "eval" / "mcub"
+    write_results(inside, block, {"mcub": {"task": "mcub"}}, {"mcub": 4}, {"model": "x"})
+    _refresh_card_if_inside(out, inside)
+    assert "| mcub | acc | 0.5000 | 4 |" in (out / "README.md").read_text()

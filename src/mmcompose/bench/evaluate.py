@@ -150,7 +150,16 @@ def run_eval(
             ),
             start_time=started,
         )
+        _refresh_card_if_inside(Path(model_dir), Path(out_dir))
     return report
+
+
+def _refresh_card_if_inside(model_dir: Path, out_dir: Path) -> None:
+    """Results written into the model's own ``eval/`` folder go onto its model card."""
+    from mmcompose.model.card import EVAL_DIR, refresh_card
+
+    if out_dir.resolve().is_relative_to((model_dir / EVAL_DIR).resolve()):
+        refresh_card(model_dir)
 
 
 @dataclass(frozen=True)
