@@ -253,7 +253,8 @@ def test_video_uniform_sampling_in_order(tmp_path: Path, ext: str) -> None:
 def test_video_with_wrong_header_count_is_resampled(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "clip.mp4"
     _write_video(path, 20)
-    monkeypatch.setattr(media, "_video_frame_estimate", lambda p: 7)  # metadata that lies
+    # load_video looks the estimate up in its own module, so that is where it is patched.
+    monkeypatch.setattr(media.video, "_video_frame_estimate", lambda p: 7)  # metadata that lies
     assert _indices(media.load_video(path, num_frames=5)) == [2, 6, 10, 14, 18]
 
 

@@ -4,6 +4,7 @@
 - :mod:`~mmcompose.align.moe`: the connector and its ``mlp`` / ``linear`` baselines (pure).
 - :mod:`~mmcompose.align.losses`: InfoNCE, Smooth-L1, cross-rank gather (pure).
 - :mod:`~mmcompose.align.trainer`: ``run_align(config, out_dir)``, alternating optimisation.
+- :mod:`~mmcompose.align.config`: the config schema (``AlignConfig``) and its YAML loader.
 - :mod:`~mmcompose.align.evaluate`: Recall@K and ``AlignedModel`` (embed queries / gallery).
 """
 
