@@ -22,10 +22,21 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
     if isinstance(name, torch.device):
         return name
+    kind, index = check_device(name)
+    return torch.device(kind, index) if index is not None else torch.device(kind)
+
+
+def check_device(name: str) -> tuple[str, int | None]:
+    """``(kind, index)`` of a device name, or the ConfigError :func:`resolve_device` raises; torch
+    is imported only to ask whether a GPU is there, so ``cpu`` is checked in microseconds."""
     m = _NAME.match(str(name).strip().lower())
     if m is None or (m.group(1) != "cuda" and m.group(2) is not None):
         raise ConfigError(f"unknown device {name!r}", hint=HINT)
     kind, index = m.group(1), None if m.group(2) is None else int(m.group(2))
+    if kind == "cpu":
+        return kind, index
+    import torch
+
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -40,7 +51,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
             )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {name!r} was asked for but MPS is not available", hint=HINT)
-    return torch.device(kind, index) if index is not None else torch.device(kind)
+    return kind, index
 
 
-__all__ = ["resolve_device"]
+__all__ = ["check_device", "resolve_device"]

@@ -200,15 +200,18 @@ def weight_files(folder: str | Path) -> dict[str, Path]:
             f"{folder} holds no {SAFE_WEIGHTS} or {SAFE_INDEX}",
             hint="weights must be safetensors (convert .bin files with safetensors first)",
         )
-    with open_safetensors(single) as f:
+    with open_safetensors(single, framework="numpy") as f:
         return dict.fromkeys(f.keys(), single)
 
 
-def open_safetensors(path: str | os.PathLike[str]):
+def open_safetensors(path: str | os.PathLike[str], framework: str = "pt"):
     """``safe_open`` on CPU; a truncated, damaged or non-safetensors file is a
-    :class:`CheckpointError` naming it (safetensors checks the header against the size)."""
+    :class:`CheckpointError` naming it (safetensors checks the header against the size).
+
+    ``framework="numpy"`` for names, shapes and dtypes only: ``"pt"`` imports torch (1-3 s),
+    which ``mmcompose inspect`` and the early checks of every command do without."""
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
+        return safe_open(str(path), framework=framework, device="cpu")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(
             f"cannot read {path}: {e}", hint="the file is truncated or not safetensors"
@@ -228,7 +231,7 @@ def check_safetensors(folder: str | os.PathLike[str]) -> None:
     """Open every safetensors file of a folder once, so a damaged one fails before work that
     a foreign loader (transformers) would start and then abort with a traceback."""
     for f in sorted(Path(folder).glob("*.safetensors")):
-        with open_safetensors(f):
+        with open_safetensors(f, framework="numpy"):
             pass
 
 

@@ -3,27 +3,32 @@ respects their dependencies (the point encoder is trained on the meshes dataset)
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator, Sequence
 
 from mmcompose.errors import UnknownNameError
 
 
 def preparers(force: bool = False) -> dict[str, Callable[[], object]]:
-    """Asset name -> a function preparing it (a prepared asset returns at once)."""
+    """Asset name -> a function preparing it (a prepared asset returns at once). Each
+    preparer's module is imported when it runs: the encoders' pull in torch and the media
+    stack (seconds), which checking the names does without."""
     from mmcompose.assets.datasets import DATASETS, prepare_datasets
-    from mmcompose.assets.encoders import prepare_efficientnet_lite0, prepare_whisper_tiny_en
-    from mmcompose.assets.llm import prepare_base_llm
-    from mmcompose.assets.point_encoder import prepare_pointnet_meshes
+
+    def lazy(module: str, fn: str) -> Callable[[], object]:
+        return lambda: getattr(importlib.import_module(f"mmcompose.assets.{module}"), fn)(
+            force=force
+        )
 
     return (
         {
-            "base_llm": lambda: prepare_base_llm(force=force),
-            "efficientnet_lite0": lambda: prepare_efficientnet_lite0(force=force),
-            "whisper_tiny_en": lambda: prepare_whisper_tiny_en(force=force),
+            "base_llm": lazy("llm", "prepare_base_llm"),
+            "efficientnet_lite0": lazy("encoders", "prepare_efficientnet_lite0"),
+            "whisper_tiny_en": lazy("encoders", "prepare_whisper_tiny_en"),
         }
         | {name: (lambda n=name: prepare_datasets(only=[n], force=force)[n]) for name in DATASETS}
         # Trained here on the meshes dataset (about 2 minutes), so after the datasets.
-        | {"pointnet_meshes": lambda: prepare_pointnet_meshes(force=force)}
+        | {"pointnet_meshes": lazy("point_encoder", "prepare_pointnet_meshes")}
     )
 
 

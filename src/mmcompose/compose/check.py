@@ -15,18 +15,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from mmcompose.errors import CheckpointError, ConfigError
 from mmcompose.io import load_json
 from mmcompose.modalities import MODALITIES
-from mmcompose.model.config import CONFIG_NAME, SUPPORTED_LLM_TYPES
+from mmcompose.model.config import CONFIG_NAME, SUPPORTED_LLM_TYPES, MMConfig
+
+if TYPE_CHECKING:  # torch is imported once the arguments are checked
+    import torch
+    from torch import Tensor
 
 DEFAULT_PROMPT = "Describe what you see."
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
 
 @dataclass(frozen=True)
@@ -102,16 +103,22 @@ def check_against(
     """Run ``model_dir`` and ``source_dir`` on the same prompt (and image) and compare.
 
     A prompt without ``<image>`` gets one in front when an image is given."""
+    from mmcompose.devices import check_device
+
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}", hint=f"use {', '.join(_DTYPES)}")
+    check_device(device)
+    source_dir = Path(source_dir)
+    kind = _source_kind(source_dir)
+    MMConfig.from_dir(model_dir)  # a missing or damaged folder: before torch is imported
+    import torch
+
     from mmcompose.devices import resolve_device
     from mmcompose.model import media
     from mmcompose.model.modeling import MMComposeForCausalLM
     from mmcompose.model.processor import MMProcessor
 
-    if dtype not in _DTYPES:
-        raise ConfigError(f"unsupported dtype {dtype!r}", hint=f"use {', '.join(_DTYPES)}")
-    dev, torch_dtype = resolve_device(device), _DTYPES[dtype]
-    source_dir = Path(source_dir)
-    kind = _source_kind(source_dir)
+    dev, torch_dtype = resolve_device(device), getattr(torch, dtype)
     prompt = prompt if prompt is not None else DEFAULT_PROMPT
     if image is not None and "<image>" not in prompt:
         prompt = "<image>\n" + prompt
@@ -243,6 +250,8 @@ def _run_mmcompose(
     path: Path, prompt: str, images: list, proc: Any, chat: bool, dtype: torch.dtype,
     dev: torch.device, vocab: int, max_new_tokens: int,
 ) -> tuple[Tensor, list[int]]:  # fmt: skip
+    import torch
+
     from mmcompose.model.modeling import MMComposeForCausalLM
     from mmcompose.model.processor import MMProcessor
 
@@ -258,6 +267,8 @@ def _run_mmcompose(
 def _forward_and_greedy(
     model: Any, inputs: dict[str, Tensor], vocab: int, max_new_tokens: int
 ) -> tuple[Tensor, list[int]]:
+    import torch
+
     source_vocab = model.get_output_embeddings().weight.shape[0]
     with torch.no_grad():
         logits = model(**inputs).logits[0].float()

@@ -84,8 +84,13 @@ def run_compose(
     search_passes: int | None = None,
 ) -> ComposeResult | SearchedComposition:
     """Check the options (device included) before any work, then compose, searching the
-    lambdas first when ``search`` names validation questions."""
-    from mmcompose.devices import resolve_device
+    lambdas first when ``search`` names validation questions.
+
+    The options, the YAML file and the output path are checked before the composition code
+    (torch, 1-3 s to import) is: a typo is answered in well under a second."""
+    from mmcompose.devices import check_device
+    from mmcompose.fs import refuse_existing
+    from mmcompose.io import load_yaml
 
     check_search_options(
         search,
@@ -94,12 +99,18 @@ def run_compose(
         grid=grid,
         search_passes=search_passes,
     )
-    resolve_device(device)
-    if search is None:
-        from mmcompose.compose.executor import run_from_yaml
+    check_device(device)
+    load_yaml(config, "compose config")  # a missing or malformed file: before torch
+    if not dry_run:
+        refuse_existing(out_dir, force)
+    from mmcompose.compose.config import load_compose_config
 
-        return run_from_yaml(
-            config,
+    cfg = load_compose_config(config)  # its schema needs only torch, not the model code
+    if search is None:
+        from mmcompose.compose.executor import compose
+
+        return compose(
+            cfg,
             out_dir,
             dry_run=dry_run,
             device=device,
@@ -109,7 +120,7 @@ def run_compose(
     from mmcompose.compose.search import DEFAULT_GRID, MAX_PASSES, compose_with_search
 
     found, composed = compose_with_search(
-        config,
+        cfg,
         out_dir,
         search,
         search_answers,

@@ -28,6 +28,11 @@ def generate_from_folder(
 ) -> Generation:
     """Greedy (``temperature`` 0) or sampled generation; ``inputs`` maps a modality to its
     files, in the order of the prompt's placeholders."""
+    from mmcompose.devices import check_device
+    from mmcompose.model.config import MMConfig
+
+    check_device(device)
+    MMConfig.from_dir(model_dir)  # a missing or damaged folder: before torch is imported
     import torch
 
     from mmcompose.devices import resolve_device

@@ -13,13 +13,14 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmcompose.errors import ConfigError, MMComposeError
 from mmcompose.io import load_json
 from mmcompose.modalities import canonical_modality
-from mmcompose.model.processor import MMProcessor
-from mmcompose.model.splice import IGNORE_INDEX
+
+if TYPE_CHECKING:  # reading and checking data files needs neither torch nor transformers
+    from mmcompose.model.processor import MMProcessor
 
 ROLES = {
     "human": "user",
@@ -91,6 +92,8 @@ def encode_example(
     processor: MMProcessor, record: Mapping[str, Any], max_length: int | None = None
 ) -> Example:
     """Token ids (with placeholder sentinels) and labels for one conversation."""
+    from mmcompose.model.splice import IGNORE_INDEX
+
     messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
     ids: list[int] = []
     labels: list[int] = []
