@@ -327,3 +327,51 @@ def test_benchmark_stage_builds_each_split_once_and_cuts_the_search_set(tmp_path
     wider = replace(job, budget=Budget(search_limit=30))
     assert len(json.loads(qs.build_benchmark(wider, assets).search[0].read_text())) == 30
     assert builds == ["test", "val"]  # a new search set, the same mini-MCUB
+
+
+# ----------------------------------------------------------------------------- one job, budgets
+def test_the_default_budget_is_the_quickstart_and_a_seed_rekeys_only_its_models():
+    """The reproduction's generalisation (seeds, subsets, video) leaves the quickstart's
+    configs, keys and stage list as they were; another seed is another model."""
+    base = train_config("image", "decoupled", Budget(), ["m.jsonl"])
+    assert base == train_config("image", "decoupled", Budget(), ["m.jsonl"], 0, "fail")
+    assert base.seed == 0 and base.on_corrupt == "fail"
+    assert [s.title for s in qs.stages(MODALITIES, Budget())] == [s.title for s in qs.stages()]
+    data = {"e": "0" * 16}
+    assert qs.mcub_key(data, "0.1.0", MODALITIES) == qs.mcub_key(data, "0.1.0")
+    four = ("image", "audio", "video", "point")
+    assert qs.mcub_key(data, "0.1.0", four) != qs.mcub_key(data, "0.1.0")
+
+    def key(seed: int, m: str = "audio") -> str:
+        cfg = train_config(m, "shared", Budget(), [f"{m}.jsonl"], seed)
+        return qs.model_key(cfg, ["d" * 16], "0.1.0")
+
+    assert key(1) != key(0) and key(1) == key(1)
+    video = train_config("video", "shared", Budget(), ["v.jsonl"])
+    assert video.stage2.epochs == 0.75 and video.tower.encoder.name == "video_frames"
+    fixed = qs.ablation_key("fixed", ["k"], Budget(), "s" * 16, "0.1.0")
+    assert fixed == qs.ablation_key("fixed", ["k"], Budget(search_grid=(1.0,)), "", "0.1.0")
+    searched = qs.ablation_key("naive-search", ["k"], Budget(), "s" * 16, "0.1.0")
+    assert searched != qs.damc_key(["k"], Budget(), "s" * 16, "0.1.0")  # not DAMC's entry
+
+
+def test_which_model_fills_which_cell():
+    from mmcompose.job_tasks import Task, takes
+
+    four = ("image", "audio", "video", "point")
+    run = lambda *a: {}  # noqa: E731
+    cls = Task("classify_video", "video", "acc,loglikelihood", [], run, 1)
+    mcub4 = Task("mcub", None, "acc,loglikelihood", [], run, 1)
+    iav = Task("mcub_iav", None, "acc,loglikelihood", [], run, 1, ("image", "audio", "video"))
+
+    def model(kind, mods, classify=True):
+        return qs.Model("m", kind, Path("m"), "k", mods, classify=classify)
+
+    video, point = model("single", ("video",)), model("single", ("point",))
+    assert [takes(video, t, four) for t in (cls, mcub4, iav)] == [True, True, True]
+    assert [takes(point, t, four) for t in (cls, mcub4, iav)] == [False, True, False]
+    whole, sub = model("composed", four), model("composed", ("image", "audio", "video"))
+    assert [takes(whole, t, four) for t in (cls, mcub4, iav)] == [True, True, False]
+    assert [takes(sub, t, four) for t in (cls, mcub4, iav)] == [False, False, True]
+    ablation = model("composed", four, classify=False)
+    assert [takes(ablation, t, four) for t in (cls, mcub4, iav)] == [False, True, False]

@@ -44,7 +44,8 @@ from mmcompose.job_build import (
     check_videos,
     file_stamp,
     first_items,
-    readable_sets,
+    manifest_paths,
+    readable_copies,
     unreadable_videos,
     video_files,
 )
@@ -342,7 +343,7 @@ def build_benchmark(job: Job, assets: Assets) -> Benchmark:
             "mcub",
             "readable",
             digest(key, sorted(assets.unreadable), [str(m) for m in wanted]),
-            partial(_readable, files, drop),
+            partial(readable_copies, files, drop),
             done="done.json",
         )
         files = {
@@ -376,7 +377,7 @@ def train_models(job: Job, assets: Assets) -> dict[str, Model]:
         names = job.datasets[m]
         files = [str(assets.manifests[d]) for d in names]
         skip = job.on_corrupt == "skip" and any(  # only then: the config (key) is unchanged
-            p in assets.unreadable for p in _paths(assets.manifests, names)
+            p in assets.unreadable for p in manifest_paths(assets.manifests, names)
         )
         cfg = train_config(m, s, job.budget, files, seed, "skip" if skip else "fail")
         key = model_key(cfg, [assets.data_key[d] for d in names], job.version)
@@ -523,7 +524,8 @@ def report(
 
         return write_paper_report(job, ev, info, damc.path / "search")
     out = QuickstartReport(job.out_dir, ev.rows, job.timings, columns=ev.columns)
-    out.claims = check_claims(ev.rows, ev.columns, job.modalities)
+    # the claims are on the job's whole MCUB set (the column after the test splits)
+    out.claims = check_claims(ev.rows, ev.columns[: len(job.modalities) + 1], job.modalities)
     write_report(out, ev.results, damc.path / "search", info)
     return out
 
@@ -531,24 +533,6 @@ def report(
 # ----------------------------------------------------------------------------- stage helpers
 def _build_mcub(assets: Assets, split: str, modalities: Sequence[str], path: Path) -> None:
     build_mcub_split(assets.manifests, split, modalities, path)
-
-
-def _readable(files: dict, drop: dict[str, list[str]], folder: Path) -> None:
-    from mmcompose.bench.mcub_build import set_name
-    from mmcompose.fs import write_json_atomic
-
-    for split in ("test", "val"):
-        (folder / split).mkdir()
-        sets = {f"{s}/{set_name(m)}": f for (s, m), f in files.items() if s == split}
-        drops = {k: v for k, v in drop.items() if k in sets}
-        readable_sets(sets, drops, folder / split)
-    write_json_atomic(folder / "done.json", {"dropped": drop})
-
-
-def _paths(manifests: dict[str, Path], names: Iterable[str]) -> list[str]:
-    from mmcompose.manifest import read_manifest
-
-    return [str(r["path"]) for d in names for r in read_manifest(manifests[d])]
 
 
 def _keys(models: Sequence[Model]) -> list[str]:

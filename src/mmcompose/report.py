@@ -1,6 +1,7 @@
 """The report of a composition run (``mmcompose quickstart``): the table of single-modality
 models and compositions, the paper's claims checked on it, and the report folder (markdown,
-results JSON in lm-evaluation-harness's layout, PNG chart, the lambda search)."""
+results JSON in lm-evaluation-harness's layout, PNG chart, the lambda search). With several
+seeds the reproduction's report (:mod:`mmcompose.paper_report`) uses the :class:`Claim` here."""
 
 from __future__ import annotations
 
@@ -106,6 +107,18 @@ class Claim:
 
     def line(self) -> str:
         return f"{self.verdict}: {self.claim} ({self.evidence})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """As results.json holds it."""
+        return {
+            "claim": self.claim,
+            "verdict": self.verdict,
+            "holds": self.significant,
+            "direction_holds": self.ok,
+            "p": self.p,
+            "test": self.test,
+            "detail": self.detail,
+        }
 
 
 def format_p(p: float) -> str:
@@ -269,18 +282,7 @@ def write_report(
         doc = {
             "columns": report.columns,
             "rows": [{k: v for k, v in r.__dict__.items() if k != "correct"} for r in report.rows],
-            "claims": [
-                {
-                    "claim": c.claim,
-                    "verdict": c.verdict,
-                    "holds": c.significant,
-                    "direction_holds": c.ok,
-                    "p": c.p,
-                    "test": c.test,
-                    "detail": c.detail,
-                }
-                for c in report.claims
-            ],
+            "claims": [c.as_dict() for c in report.claims],
             "per_item": {r.name: r.correct for r in report.rows},
             "timings_s": report.timings,
             "setup": info,
