@@ -181,6 +181,12 @@ def search_set_key(val_questions_digest: str, limit: int) -> str:
     return digest(val_questions_digest, limit)
 
 
+# Part of every cache key; bumped when cached artefacts made by older code are wrong.
+# 2: frozen encoders stay in eval mode while training caches their features (BatchNorm had
+# been updating its running statistics), and lm-eval's scoring convention (DAMC's search).
+CACHE_REVISION = 2
+
+
 def model_key(config: Any, data_keys: list[str], version: str) -> str:
     return digest(config.model_dump(mode="json"), data_keys, version)
 
@@ -260,7 +266,7 @@ def run_job(
         out_dir,
         budget,
         cache,
-        mmcompose.__version__,
+        f"{mmcompose.__version__}.r{CACHE_REVISION}",
         tuple(modalities),
         progress=progress,
         log=log,

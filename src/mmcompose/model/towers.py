@@ -36,7 +36,10 @@ class Tower(nn.Module):
             nn.Parameter(torch.zeros(cfg.num_suffix, hidden_size)) if cfg.num_suffix else None
         )
         if cfg.freeze_encoder:
-            self.encoder.requires_grad_(False)
+            # Inference behaviour from the start, not only after model.train(): a feature
+            # cache built before that call would otherwise see per-batch BatchNorm statistics
+            # and overwrite the pretrained running ones.
+            self.encoder.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> Tower:
         super().train(mode)

@@ -27,9 +27,14 @@ from mmcompose.model.media import OnCorrupt, handle_unreadable
 from mmcompose.model.processor import MMProcessor
 from mmcompose.model.towers import Tower
 
+# Bumped when features cached by older code are wrong. 2: frozen encoders were in train mode
+# (per-batch BatchNorm statistics) when the trainer cached their features.
+FEATURES_REVISION = 2
+
 
 def encoder_key(tower: Tower) -> str:
     h = hashlib.sha1(json.dumps(tower.cfg.encoder.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(f"revision {FEATURES_REVISION}".encode())
     for name, t in sorted(tower.encoder.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
