@@ -1,0 +1,1 @@
+"""lmms-eval tasks (``--include_path`` this folder): MCUB over local files, see :mod:`.mcub`."""
