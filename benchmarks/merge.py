@@ -52,8 +52,9 @@ if TYPE_CHECKING:  # torch is imported lazily: the copy baseline must not pay fo
 MB = 1 << 20
 GB = 1 << 30
 # mmcompose-sort: mmcompose with the magnitude selection of before (a full sort), for A/B runs
-TOOLS = ("mmcompose", "mmcompose-sort", "mergekit", "copy")
-OURS = ("mmcompose", "mmcompose-sort")
+# mmcompose-before: another checkout's ``src`` (``--before DIR``), for before/after A/B runs
+TOOLS = ("mmcompose", "mmcompose-sort", "mmcompose-before", "mergekit", "copy")
+OURS = ("mmcompose", "mmcompose-sort", "mmcompose-before")
 METHODS = ("linear", "ties")
 
 # ---------------------------------------------------------------- model shapes
@@ -334,6 +335,9 @@ CLI_RUNNER = "import runpy, sys\nsys.argv[0] = 'mmcompose'\nrunpy.run_module('mm
 def commands(
     tool: str, cfg: Path, out: Path, args: argparse.Namespace, models: list[Path], use_cli: bool
 ) -> list[str]:
+    if tool == "mmcompose-before":  # the same CLI from another checkout's src
+        code = f"import sys; sys.path.insert(0, {str(args.before)!r})\n" + CLI_RUNNER
+        return [sys.executable, "-c", code, "compose", str(cfg), "-o", str(out)]
     if tool == "mmcompose":
         if use_cli:
             return [sys.executable, "-m", "mmcompose", "compose", str(cfg), "-o", str(out)]
@@ -441,19 +445,26 @@ def bench_size(
 ) -> SizeResult:
     tag = f"{label_gb:g}gb"
     root = work / tag
-    if root.exists():
+    stamp = json.dumps([asdict(shape), args.seed, args.in_shard_mb])
+    reuse = args.reuse and (root / "models.json").is_file()
+    if reuse and (root / "models.json").read_text() != stamp:
+        reuse = False
+    if root.exists() and not reuse:
         shutil.rmtree(root)
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     models = {}
     for role, name in enumerate(("base", "ft1", "ft2")):
         models[name] = root / name
+        if reuse:
+            continue
         # In a child: this process stays small (no torch), so the children it forks for the
         # runs do not inherit a large RSS into their ru_maxrss.
         spec = json.dumps([asdict(shape), role, args.seed, args.in_shard_mb * MB])
         subprocess.run(
             [sys.executable, __file__, "--_generate", str(models[name]), spec], check=True
         )
+    (root / "models.json").write_text(stamp)
     nshards = len(list(models["base"].glob("*.safetensors")))
     print(
         f"[{tag}] generated 3 x {shape.nbytes() / GB:.2f} GiB ({shape.layers} layers, "
@@ -472,6 +483,7 @@ def bench_size(
         cfgs[method] = {
             "mmcompose": root / f"{method}-mmcompose.yaml",
             "mmcompose-sort": root / f"{method}-mmcompose.yaml",
+            "mmcompose-before": root / f"{method}-mmcompose.yaml",
             "mergekit": root / f"{method}.yaml",
             "copy": root / f"{method}.yaml",
         }
@@ -503,7 +515,12 @@ def bench_size(
                     print(run.stderr_tail, file=sys.stderr)
             a = root / f"out-mmcompose-{method}"
             # ours vs mergekit under the method's name; vs the sort-based selection as "/sort"
-            for key, other in ((method, "mergekit"), (f"{method}/sort", "mmcompose-sort")):
+            others = (
+                (method, "mergekit"),
+                (f"{method}/sort", "mmcompose-sort"),
+                (f"{method}/before", "mmcompose-before"),
+            )
+            for key, other in others:
                 b = root / f"out-{other}-{method}"
                 if rep != 0 or not (a.is_dir() and b.is_dir()):
                     continue
@@ -516,7 +533,7 @@ def bench_size(
                 )
             for tool in args.tools:
                 shutil.rmtree(root / f"out-{tool}-{method}", ignore_errors=True)
-    if not args.keep:
+    if not (args.keep or args.reuse):
         shutil.rmtree(root)
     return res
 
@@ -655,6 +672,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="default: a fresh folder under /tmp")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    p.add_argument(
+        "--reuse", action="store_true", help="keep the checkpoints and reuse them next time"
+    )
+    p.add_argument("--before", type=Path, help="src folder run as the mmcompose-before tool")
+    p.add_argument("--startup-repeats", type=int, default=3, help="0: skip the import timing")
     p.add_argument("--json", type=Path, default=Path("benchmarks/merge-results.json"))
     p.add_argument("--plot", type=Path, help="PNG of peak RSS and time vs size")
     args = p.parse_args(argv)
@@ -666,6 +688,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = set(args.tools) - set(TOOLS)
     if bad:
         p.error(f"unknown tools {sorted(bad)}; choose from {TOOLS}")
+    if "mmcompose-before" in args.tools and args.before is None:
+        p.error("the mmcompose-before tool needs --before SRC")
     return args
 
 
@@ -690,17 +714,23 @@ def _sizes(args: argparse.Namespace) -> Iterator[tuple[float, LlamaShape, int]]:
 STARTUP = {
     "mmcompose": "from mmcompose.compose import run_from_yaml; import mmcompose.compose.executor",
     "mmcompose-sort": "from mmcompose.compose import run_from_yaml; import mmcompose.compose.executor",
+    "mmcompose-before": "from mmcompose.compose import run_from_yaml; import mmcompose.compose.executor",
     "mergekit": "from mergekit.scripts.run_yaml import main",
     "copy": "pass",
 }
 
 
-def startup(tools: Sequence[str], env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Interpreter + import cost of each tool (warm cache, median of 3): a fixed overhead
-    inside every wall time below."""
-    out = {}
-    for tool in tools:
-        runs = [measure([sys.executable, "-c", STARTUP[tool]], env) for _ in range(3)]
+def startup(
+    tools: Sequence[str], env: dict[str, str], before: Path | None = None, repeats: int = 3
+) -> dict[str, dict[str, Any]]:
+    """Interpreter + import cost of each tool (warm cache, median of ``repeats``): a fixed
+    overhead inside every wall time below."""
+    out: dict[str, dict[str, Any]] = {}
+    for tool in tools if repeats else ():
+        code = STARTUP[tool]
+        if tool == "mmcompose-before":
+            code = f"import sys; sys.path.insert(0, {str(before)!r}); {code}"
+        runs = [measure([sys.executable, "-c", code], env) for _ in range(repeats)]
         out[tool] = {
             "wall_s": statistics.median(r["wall_s"] for r in runs),
             "maxrss_mb": statistics.median(r["maxrss_mb"] for r in runs),
@@ -746,7 +776,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"workdir {work}; mmcompose via {'CLI' if use_cli else 'run_from_yaml runner'}")
     results: list[SizeResult] = []
     start = time.perf_counter()
-    boot = startup(args.tools, os.environ | {"HF_HUB_OFFLINE": "1"})
+    boot = startup(
+        args.tools, os.environ | {"HF_HUB_OFFLINE": "1"}, args.before, args.startup_repeats
+    )
     try:
         for label, shape, reps in _sizes(args):
             results.append(bench_size(work, shape, label, reps, args, use_cli))
@@ -757,8 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n## {main_res.model_bytes / GB:.2f} GiB models, median of {args.repeats}\n")
     print(table(main_res))
     for key, ag in main_res.agreement.items():
-        method, _, sort = key.partition("/")
-        other = "mmcompose-sort" if sort else "mergekit"
+        method, _, vs = key.partition("/")
+        other = f"mmcompose-{vs}" if vs else "mergekit"
         print(
             f"\n{method}: ours vs {other}, {ag['tensors_compared']} tensors, max abs diff "
             f"{ag['max_abs_diff']} on {ag['worst_tensor']}, {ag['exact_tensors']} bit-identical; "

@@ -12,6 +12,15 @@ latents instead (rows beyond the stored ones become queries).
     python benchmarks/retrieval.py                                  # 100k and 1M, ~10 min
     python benchmarks/retrieval.py --sizes 100000 --indexes flat hnsw --out /tmp/r.json
 
+HNSW tuning sweep (``--hnsw M:EFC ...``): one HNSW store per (M, efConstruction), each searched
+at every ``--ef`` value (efSearch is a search-time knob, so one build serves the whole sweep),
+plus what ``store.tune_recall(target, queries=...)`` picks on ``--tune-sample`` fresh queries
+(another seed than the measured ones; exact reference = all stored vectors), then measured on
+the held-out queries as every other row:
+
+    python benchmarks/retrieval.py --sizes 1000000 --dim 128 --hnsw 32:200 --ef 64 128 256 \
+        --out runs/bench-retrieval-hnsw.json
+
 Exact search over 1M vectors costs ~0.4 GFLOP per query, so latency uses ``--latency-queries``
 (default 100) single queries and throughput one batch of ``--batch-queries`` (default 1000).
 """
@@ -119,6 +128,127 @@ def bench_one(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def latency_ms(store: Any, queries: np.ndarray, warmup: int) -> list[float]:
+    """Single-query wall times through the public ``store.search`` (checks and id mapping
+    included), after ``warmup`` untimed queries."""
+    for row in queries[:warmup]:
+        store.search(row, k=10)
+    times = []
+    for row in queries:
+        t = time.perf_counter()
+        store.search(row, k=10)
+        times.append(1000 * (time.perf_counter() - t))
+    return times
+
+
+def sweep_hnsw(
+    m: int, efc: int, x: np.ndarray, q: np.ndarray, truth: np.ndarray, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Build one HNSW store, then measure recall and latency at every efSearch of ``--ef``."""
+    folder = Path(tempfile.mkdtemp(prefix=f"retr-hnsw{m}-{efc}-", dir=args.workdir))
+    rows: list[dict[str, Any]] = []
+    try:
+        ids = np.char.add("v", np.arange(len(x)).astype(str)).tolist()
+        params = {"M": m, "ef_construction": efc, "ef_search": args.ef[0]}
+        t0 = time.perf_counter()
+        store = create_store(folder / "s", x.shape[1], index="hnsw", index_params=params)
+        store.add(ids, x)
+        build_s = time.perf_counter() - t0
+        disk = dir_size(folder) / 2**20
+        batch = q[: args.batch_queries]
+        for ef in args.ef:
+            store.tune(ef_search=ef)
+            t = time.perf_counter()
+            found = store.search(batch, k=10).ids
+            batch_s = time.perf_counter() - t
+            times = latency_ms(store, q[: args.latency_queries], args.warmup)
+            row = {
+                "index": "hnsw", "n": len(x), "dim": x.shape[1], "M": m,
+                "ef_construction": efc, "ef_search": ef, "build_s": round(build_s, 1),
+                "recall_at_10": round(recall_at_10(found, truth), 4),
+                "p50_ms": round(float(np.percentile(times, 50)), 3),
+                "p95_ms": round(float(np.percentile(times, 95)), 3),
+                "p99_ms": round(float(np.percentile(times, 99)), 3),
+                "qps_batch": round(len(batch) / batch_s, 1),
+                "disk_mb": round(disk, 1), "peak_rss_mb": round(peak_rss_mb(), 0),
+                "load_avg": round(_load(), 2),
+            }  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.target_recall:
+            tune_q = tune_queries(args, len(x))
+            rows.append(_tuned(store, args, batch, truth, m, efc, build_s, tune_q))
+        if args.keep:
+            print(f"kept {folder / 's'}", file=sys.stderr)
+        store.close()
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def _tuned(
+    store: Any,
+    args: argparse.Namespace,
+    batch: np.ndarray,
+    truth: np.ndarray,
+    m: int,
+    efc: int,
+    build_s: float,
+    tune_q: np.ndarray,
+) -> dict[str, Any]:
+    """What the recall tuner picks on its own fresh queries, checked on the measured ones."""
+    t = time.perf_counter()
+    report = store.tune_recall(args.target_recall, sample=args.tune_sample, queries=tune_q)
+    tune_s = time.perf_counter() - t
+    store.tune()  # the recorded value, as a later search uses it
+    found = store.search(batch, k=10).ids
+    times = latency_ms(store, batch[: args.latency_queries], args.warmup)
+    row = {
+        "index": "hnsw (tuned)", "n": store.header.count, "dim": store.header.dim, "M": m,
+        "ef_construction": efc, "ef_search": report.value, "build_s": round(build_s, 1),
+        "tune_s": round(tune_s, 1), "sample_recall": round(report.recall, 4),
+        "recall_at_10": round(recall_at_10(found, truth), 4),
+        "p50_ms": round(float(np.percentile(times, 50)), 3),
+        "p95_ms": round(float(np.percentile(times, 95)), 3),
+        "p99_ms": round(float(np.percentile(times, 99)), 3),
+        "load_avg": round(_load(), 2),
+    }  # fmt: skip
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def tune_queries(args: argparse.Namespace, n: int) -> np.ndarray:
+    """The tuner's queries: from the same mixture (or latents) as the measured ones, not them."""
+    if args.latents:
+        arr = np.load(args.latents, mmap_mode="r")
+        start = n + max(args.latency_queries, args.batch_queries)
+        return np.asarray(arr[start : start + args.tune_sample], np.float32)
+    return clustered(args.tune_sample, args.dim, args.clusters, seed=8)
+
+
+def sweep_markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| vectors | dim | M | efConstruction | efSearch | build s | recall@10 | p50 ms | "
+        "p95 ms | p99 ms | load avg |"
+    )
+    lines = [head, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ef = f"{r['ef_search']} (tuned)" if "tune_s" in r else r["ef_search"]
+        lines.append(
+            f"| {r['n']:,} | {r['dim']} | {r['M']} | {r['ef_construction']} | {ef} | "
+            f"{r['build_s']} | {r['recall_at_10']} | {r['p50_ms']} | {r['p95_ms']} | "
+            f"{r['p99_ms']} | {r['load_avg']} |"
+        )
+    return "\n".join(lines)
+
+
+def _load() -> float:
+    import os
+
+    return os.getloadavg()[0]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = "| vectors | index | build s | p50 ms | p99 ms | batch q/s | disk MB | peak RSS MB | recall@10 |"
     lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -142,6 +272,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latents", type=Path, help="a (n, dim) .npy of real stored latents")
     p.add_argument("--workdir", type=Path, default=None, help="where stores are built")
     p.add_argument("--out", type=Path, default=Path("runs/bench-retrieval.json"))
+    p.add_argument(
+        "--hnsw",
+        nargs="+",
+        metavar="M:EFC",
+        help="sweep mode: HNSW stores with these (M, efConstruction) pairs, searched at --ef",
+    )
+    p.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="efSearch values")
+    p.add_argument(
+        "--target-recall", type=float, default=0.95, help="sweep mode: run the tuner (0 = off)"
+    )
+    p.add_argument("--tune-sample", type=int, default=1000, help="tuner's query sample")
+    p.add_argument("--keep", action="store_true", help="keep the built stores in --workdir")
     return p.parse_args(argv)
 
 
@@ -153,6 +295,19 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.sizes:
         x, q = load_data(args, n)
         truth = None
+        if args.hnsw:  # sweep mode: exact answers from a Flat store, then the HNSW grid
+            # Flat single queries cost ~0.1-0.5 s each at 1M: time only a few
+            few = argparse.Namespace(
+                **{**vars(args), "latency_queries": min(args.latency_queries, 50)}
+            )
+            flat, truth = bench_one("flat", x, q, None, few)
+            rows.append(flat)
+            print(json.dumps(flat), file=sys.stderr, flush=True)
+            for spec in args.hnsw:
+                m, efc = (int(v) for v in spec.split(":"))
+                rows += sweep_hnsw(m, efc, x, q, truth, args)
+            del x
+            continue
         for index in args.indexes:
             row, found = bench_one(index, x, q, truth, args)
             truth = found if index == "flat" else truth
@@ -170,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(rows))
+    print(sweep_markdown([r for r in rows if "M" in r]) if args.hnsw else markdown(rows))
 
 
 def _cpus() -> int:

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmcompose import job_build
 from mmcompose import quickstart as qs
 from mmcompose import reproduce as rp
 from mmcompose.errors import ConfigError, MediaError
 from mmcompose.fs import atomic_dir, write_json_atomic
+from mmcompose.job_methods import DARE, LABEL_FREE, METHOD_ROWS, MMER, TIES
 from mmcompose.job_tasks import Task, subset_sets
 from mmcompose.paper_report import column_label, gap_growth, render_markdown, render_section
 from mmcompose.pipeline import Cache, run_stages
@@ -26,6 +28,7 @@ MODS = ("image", "audio", "video", "point")
 LABELS = ["cow", "pig", "cup", "gear", "bell", "drum", "fish", "tree"]
 N_ITEMS = 60  # per column; nested 0/1 vectors: a better model is right wherever a worse one is
 SKILL = {"single": 0.35, "NaiveMC": 0.6, "DAMC": 0.85, "fixed": 0.7, "naive-search": 0.65}
+SKILL |= {"MMER": 0.8, "TIES": 0.65, "DARE": 0.5, "label-free": 0.62}  # the method rows
 SUBSET_DAMC = 0.62  # DAMC's lead over NaiveMC is smaller on the subsets: the gap grows
 
 
@@ -134,6 +137,14 @@ class StandIns:
         decoupled = sources[0].name.endswith("-decoupled")
         self._composition("DAMC" if decoupled else "naive-search", sources, path)
 
+    def method(self, row, sources, path):
+        assert all(s.name.endswith("-shared") for s in sources)
+        self._composition(row, sources, path)
+
+    def unlabelled(self, job, sources, val, label, path):
+        assert Path(val[0]).is_file() and all(s.name.endswith("-shared") for s in sources)
+        self._composition("label-free", sources, path)
+
     @staticmethod
     def load(path):
         return json.loads((path / "config.json").read_text()), None
@@ -187,6 +198,8 @@ class StandIns:
         monkeypatch.setattr(qs, "_naive", self.naive)
         monkeypatch.setattr(qs, "_fixed", self.fixed)
         monkeypatch.setattr(qs, "_damc", self.damc)
+        monkeypatch.setattr(job_build, "compose_method", self.method)
+        monkeypatch.setattr(job_build, "compose_unlabelled", self.unlabelled)
         monkeypatch.setattr(qs, "_load", self.load)
         monkeypatch.setattr(qs, "_tasks", self.tasks)
         monkeypatch.setenv("MMCOMPOSE_CACHE", str(self.root / "cache"))
@@ -219,8 +232,11 @@ def test_reproduction_end_to_end_has_every_row_column_interval_and_p_value(stand
     report = _run(tmp_path / "out")
     assert len(standins.trained) == 16 == len(set(standins.trained))  # 2 seeds x 4 x 2
     per_seed = [c for c in standins.composed if c[1] == 0]
-    assert len(standins.composed) == 24 and len(per_seed) == 12  # 5 sets x 2 + 2 ablations
+    # 5 sets x 2 + 2 ablations + 4 method rows (the whole set only)
+    assert len(standins.composed) == 32 and len(per_seed) == 16
     assert ("fixed", 0, MODS) in per_seed and ("naive-search", 1, MODS) in standins.composed
+    for what in (MMER, TIES, DARE, "label-free"):
+        assert [c[2] for c in per_seed if c[0] == what] == [MODS]
     assert {c[2] for c in per_seed if c[0] == "DAMC"} == {MODS, *subset_sets(MODS)}
 
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -239,13 +255,15 @@ def test_reproduction_end_to_end_has_every_row_column_interval_and_p_value(stand
     ]
     names = [r["name"] for r in doc["rows"]]
     singles = [f"{m}-{s}" for s in ("shared", "decoupled") for m in MODS]
-    assert names == [*singles, "NaiveMC", "DAMC", qs.FIXED, qs.SEARCHED_NAIVE]
+    assert names == [*singles, "NaiveMC", "DAMC", qs.FIXED, qs.SEARCHED_NAIVE, *METHOD_ROWS]
     rows = {r["name"]: r["cells"] for r in doc["rows"]}
     keys = [c["key"] for c in doc["columns"]]
     for name in ("NaiveMC", "DAMC"):  # every column
         assert all(rows[name][k] is not None for k in keys), name
     for name in (qs.FIXED, qs.SEARCHED_NAIVE):  # the ablations: MCUB-4 only
         assert [k for k in keys if rows[name][k] is not None] == [keys[0]]
+    for name in METHOD_ROWS:  # the method rows: MCUB-4 and the test splits, not the subsets
+        assert [k for k in keys if rows[name][k] is not None] == [keys[0], *keys[5:]]
     # a single model: its own test split and the MCUB sets that hold its modality
     video = [column_label(k) for k in keys if rows["video-shared"][k] is not None]
     assert video == ["MCUB-4", "MCUB-3 IAV", "MCUB-3 IVP", "MCUB-3 AVP", "video (test)"]
@@ -267,12 +285,21 @@ def test_reproduction_end_to_end_has_every_row_column_interval_and_p_value(stand
     assert claims[f"DAMC beats {qs.FIXED} on MCUB-4 (the lambda search helps)"]["holds"]
     grows = next(c for c in doc["claims"] if c["claim"].startswith("DAMC's lead"))
     assert grows["holds"] and "+24.2 points" in grows["detail"]
-    assert len(doc["retention"]) == 8 and all(k["ratio"] > 1 for k in doc["retention"])
-    assert {k["composition"] for k in doc["retention"]} == {"NaiveMC", "DAMC"}
+    # each method row against NaiveMC and the best single, paired on MCUB-4's items
+    mmer_naive = claims["MMER beats NaiveMC on MCUB-4"]
+    assert mmer_naive["holds"] and "80.8 vs 60.8" in mmer_naive["detail"]
+    assert claims["DARE beats NaiveMC on MCUB-4"]["verdict"] == "does not hold"
+    for row in METHOD_ROWS:
+        assert claims[f"{row} beats the best single-modality model on MCUB-4"]["holds"]
+    assert claims[f"{LABEL_FREE} beats NaiveMC on MCUB-4"]["direction_holds"]
+    assert len(doc["retention"]) == 6 * 4 and all(k["ratio"] > 1 for k in doc["retention"])
+    assert {k["composition"] for k in doc["retention"]} == {"NaiveMC", "DAMC", *METHOD_ROWS}
 
     md = (tmp_path / "out" / "report.md").read_text()
     assert md == render_markdown(doc)
     assert "| **DAMC** | 85.8 [" in md and "**holds**: DAMC beats NaiveMC on MCUB-4" in md
+    assert "| **MMER** | 80.8 [" in md and "MMER, TIES and DARE compose the shared" in md
+    assert "(grid 0.25, 0.5, 0.75, 1)" in md
     assert "By generation" in md and "| NaiveMC | 1" in md  # the retention table
     assert (tmp_path / "out" / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -310,7 +337,8 @@ def test_quickstart_budget_runs_the_same_stages_with_its_titles():
         "prepare assets",
         "build mini-MCUB and its subsets",
         "train 16 single-modality models (2 seeds)",
-        "compose NaiveMC and DAMC (lambda search) for every MCUB set, ablations",
+        "compose NaiveMC and DAMC (lambda search) for every MCUB set, ablations, MMER, TIES, "
+        "DARE, label-free search",
         "evaluate",
     ]
     assert [s.name for s in qs.stages(MODS, BUDGET)] == [s.name for s in qs.stages()]
@@ -335,7 +363,10 @@ def test_docs_render_is_deterministic_and_replaces_only_the_marked_section(stand
     section, tail = rest.split(rp.MARK_END)
     assert head == "# Results\n\nbefore\n\n" and tail == "\n\nafter\n"
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert section == "\n" + render_section(doc)
+    chart_link = "\n![the table's MCUB columns](img/reproduce-composition.png)\n"
+    assert section == "\n" + render_section(doc).rstrip() + "\n" + chart_link
+    chart = tmp_path / "img" / "reproduce-composition.png"
+    assert chart.read_bytes() == (tmp_path / "out" / "chart.png").read_bytes()
     assert "old figures" not in first and "p = " in section and "MCUB-3 AVP" in section
     rp.render_docs(tmp_path / "out", docs)
     assert docs.read_text() == first  # idempotent: the same run renders the same text
@@ -543,7 +574,8 @@ def test_the_pipeline_on_real_tiny_models_composes_searches_and_scores(
 ):
     """Everything real but the training (a tiny random model per modality and strategy,
     one base LLM): MCUB sets built from manifests of real media files, NaiveMC / DAMC /
-    the ablations composed by the real compose and lambda search, every cell scored."""
+    the ablations / MMER, TIES, DARE and the label-free search composed by the real compose
+    and lambda searches, every cell scored."""
     from mmcompose.testing import build_tiny_model
 
     rows = []
@@ -598,6 +630,7 @@ def test_the_pipeline_on_real_tiny_models_composes_searches_and_scores(
         mcub_limit=4,
         search_limit=4,
         search_grid=(1.0,),
+        unlabelled_grid=(0.5, 1.0),
         generate=False,
         generate_mcub=False,
     )  # generation is scored in test_mcub and aggregated in the end-to-end test
@@ -623,6 +656,16 @@ def test_the_pipeline_on_real_tiny_models_composes_searches_and_scores(
     reports = sorted(
         (tmp_path / "cache" / "quickstart" / "compositions").glob("*/composition_report.json")
     )
-    assert len(reports) == 3 * 2 + 2  # NaiveMC and DAMC per set, the two ablations
+    assert len(reports) == 3 * 2 + 2 + 4  # NaiveMC, DAMC per set; ablations; method rows
     fixed = next(p for p in reports if p.parent.name.startswith("damc-fixed-"))
     assert "0.25" in fixed.read_text()  # lambda = 1/N with N = 4
+    for row in METHOD_ROWS:  # MCUB-4 and every test split, not the subsets
+        assert [k for k in keys if rows_[row][k] is not None] == [keys[0], *keys[3:]]
+    folders = {p.parent.name.rsplit("-", 1)[0]: p.parent for p in reports}
+    mmer = json.loads((folders["mmer"] / "config.json").read_text())
+    assert mmer["mmer"]["modalities"] == list(MODS)  # one mask per modality
+    dare = json.loads(folders["dare"].joinpath("composition_report.json").read_text())
+    assert dare["config"]["merge_method"] == "dare_linear" and dare["config"]["seed"] == 0
+    found = json.loads((folders["naivemc-unlabelled"] / "search" / "search.json").read_text())
+    assert found["criterion"] == "consistency" and found["n_items"] == 4
+    assert found["metric"] == "consistency,loglikelihood" and found["grid"] == [0.5, 1.0]

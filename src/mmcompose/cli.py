@@ -158,6 +158,23 @@ def generate(
 
 
 @app.command()
+def serve(
+    model_dir: ModelDir,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="The page's default.")] = 128,
+) -> None:
+    """A chat page in the browser: upload media, ask, read the streamed answer (needs the
+    serve extra). Folder and port are checked before the weights load."""
+    from mmcompose.serve.app import serve as run_server
+
+    run_server(model_dir, host=host, port=port, device=device, max_new_tokens=max_new_tokens)
+
+
+@app.command()
 def quickstart(
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Report folder (markdown, results JSON, chart).")
@@ -251,6 +268,65 @@ def reproduce_render(
     from mmcompose.reproduce import render_docs
 
     out.print(f"updated {render_docs(run_dir, into)}")
+
+
+@reproduce_app.command("merge")
+def reproduce_merge(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Report folders of runs of other seeds.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="The merged report folder.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+) -> None:
+    """Merge runs of different seeds (e.g. one per machine) into one report, computed from
+    their per-item results as one run over all the seeds would compute it."""
+    from mmcompose.reproduce_merge import merge_runs
+
+    r = merge_runs(run_dirs, out_dir, force=force)
+    out.print(f"seeds {', '.join(map(str, r.doc['seeds']))}; report: {r.out_dir / 'report.md'}")
+
+
+@reproduce_app.command("alignment")
+def reproduce_alignment(
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Report folder (report.md, results.json, chart).")
+    ] = Path("runs/reproduce-alignment"),
+    seeds: Annotated[
+        str | None, typer.Option(help="Training seeds, e.g. 0,1,2 (default: the budget's).")
+    ] = None,
+    budget: Annotated[
+        str, typer.Option(help="full (about 40 min on 2 CPU cores) or smoke (a few minutes).")
+    ] = "full",
+    force: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+) -> None:
+    """The Alt-MoE ablation on one set of stored latents: MoE alternating / joint, MLP (matched
+    parameters), linear, ASIF, FuseMix; LLM and MiniLM text features; image-text (captions)
+    and audio-text (spoken + sounds); Recall@1/5/10 with 95% intervals and paired tests."""
+    from mmcompose.align.reproduce import run_alignment_reproduction
+
+    r = run_alignment_reproduction(
+        out_dir, budget=budget, seeds=seeds, force=force,
+        log=lambda s: err.print(s, highlight=False, markup=False),
+    )  # fmt: skip
+    for c in r.doc["claims"]:
+        out.print(f"{escape(c['claim'])}: holds {c['holds']}/{c['cells']}, reversed "
+                  f"{c['reversed']}/{c['cells']}")  # fmt: skip
+    out.print(f"report: {r.out_dir / 'report.md'}")
+
+
+@reproduce_app.command("render-alignment")
+def reproduce_render_alignment(
+    run_dir: Annotated[Path, typer.Argument(help="The folder `reproduce alignment` wrote.")],
+    into: Annotated[
+        Path, typer.Option(help="Markdown file whose marked section is regenerated.")
+    ] = Path("docs/results.md"),
+    chart: Annotated[
+        Path | None, typer.Option(help="Chart PNG (default: img/alignment-recall.png beside it).")
+    ] = None,
+) -> None:
+    """Regenerate docs/results.md's alignment section and its chart from a run's results."""
+    from mmcompose.align.reproduce_report import render_alignment_docs
+
+    md, png = render_alignment_docs(run_dir, into, chart)
+    out.print(f"updated {md} and {png}")
 
 
 assets_app = typer.Typer(
@@ -376,6 +452,15 @@ def compose(
             "--search-passes", min=1, help="Most sweeps over the sources (coordinate) [3]."
         ),
     ] = None,
+    search_unlabelled: Annotated[
+        Path | None,
+        typer.Option(
+            "--search-unlabelled",
+            help="Search the lambdas without labels (AdaMMS's generation consistency) on "
+            "unlabelled inputs: MCUB questions (.json), a folder or a list of media files "
+            "[grid 0.25,0.5,0.75,1].",
+        ),
+    ] = None,
 ) -> None:
     """Compose single-modality MLLMs (NaiveMC, DAMC) or merge LLMs, streamed shard by shard."""
     from mmcompose.compose.command import run_compose
@@ -393,6 +478,7 @@ def compose(
         search_mode=search_mode,
         search_method=search_method,
         search_passes=search_passes,
+        search_unlabelled=search_unlabelled,
     )
     out.print(result.summary(), markup=False, highlight=False)
 
@@ -425,6 +511,14 @@ def align(
     config: Annotated[Path, typer.Argument(help="Alt-MoE alignment YAML (configs/align/).")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    from_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="A trained alignment to add the config's new modalities to (its parameters "
+            "stay frozen; only the new directions train).",
+        ),
+    ] = None,
 ) -> None:
     """Train an Alt-MoE connector between frozen unimodal models (alternating directions).
 
@@ -434,9 +528,14 @@ def align(
 
     load_yaml(config, "align config")  # a missing or malformed file: refused before torch
     refuse_existing(out_dir, force)
+    if from_dir is not None:
+        from mmcompose.align.folder import read_alignment
+
+        read_alignment(from_dir)  # not an alignment folder: refused before torch
     from mmcompose.align.trainer import run_align
 
-    out.print(run_align(config, out_dir, force=force).summary(), markup=False, highlight=False)
+    result = run_align(config, out_dir, force=force, continue_from=from_dir)
+    out.print(result.summary(), markup=False, highlight=False)
 
 
 @app.command()
@@ -453,19 +552,66 @@ def index(
     force: Annotated[
         bool, typer.Option(help="Replace an existing store (once the new one is complete).")
     ] = False,
+    update: Annotated[
+        bool,
+        typer.Option(
+            help="Add the items to an existing store of the same connector, replacing the "
+            "vectors of ids it already holds (one atomic commit)."
+        ),
+    ] = False,
+    target_recall: Annotated[
+        float | None,
+        typer.Option(
+            "--target-recall",
+            help="Tune efSearch (hnsw) or nprobe (ivfpq) to this recall@10 in (0, 1] against "
+            "exact search on a sample of the store; recorded in the store for later searches.",
+        ),
+    ] = None,
+    uri: Annotated[
+        str | None,
+        typer.Option(help="milvus: a Milvus server (http://HOST:19530) instead of Milvus Lite."),
+    ] = None,
 ) -> None:
-    """Embed a manifest once (frozen encoder + one connector pass) into a vector store."""
+    """Embed a manifest once (frozen encoder + one connector pass) into a vector store.
+
+    Under torchrun every process embeds a slice and rank 0 writes the one store:
+    torchrun --nproc_per_node N -m mmcompose index ..."""
     from mmcompose.retrieval.service import index_manifest
 
-    n = index_manifest(
-        model, data, store, gallery=gallery, split=split, backend=backend, index=kind, force=force
-    )
-    out.print(f"stored {n} vectors in {store}")
+    r = index_manifest(
+        model, data, store, gallery=gallery, split=split, backend=backend, index=kind,
+        force=force, update=update, target_recall=target_recall, uri=uri,
+    )  # fmt: skip
+    if r.main:
+        out.print(r.summary(store), markup=False, highlight=False)
+
+
+@app.command()
+def delete(
+    store: Annotated[Path, typer.Option(help="A store made by mmcompose index.")],
+    ids: Annotated[list[str] | None, typer.Argument(help="Ids of the items to delete.")] = None,
+    ids_file: Annotated[
+        Path | None, typer.Option("--ids-file", help="A file of ids, one per line.")
+    ] = None,
+    compact: Annotated[
+        bool, typer.Option(help="Drop the tombstones now (FAISS rebuilds its index).")
+    ] = False,
+) -> None:
+    """Delete items from a store by id: all of them, or none if one is unknown."""
+    from mmcompose.retrieval.service import delete_ids, read_ids_file
+
+    every = list(ids or []) + (read_ids_file(ids_file) if ids_file else [])
+    n = delete_ids(store, every, compact=compact)
+    out.print(f"deleted {n} vectors from {store}" + (" (compacted)" if compact else ""))
 
 
 @app.command()
 def search(
     store: Annotated[Path, typer.Option(help="A store made by mmcompose index.")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="The connector to embed with (default: the store's; no other)."),
+    ] = None,
     text: Annotated[str | None, typer.Option(help="A text query.")] = None,
     image: Annotated[Path | None, typer.Option(help="An image query.")] = None,
     audio: Annotated[Path | None, typer.Option(help="An audio query.")] = None,
@@ -476,7 +622,7 @@ def search(
     from mmcompose.retrieval.service import one_query
     from mmcompose.retrieval.service import search as run_search
 
-    hits = run_search(store, *one_query(text=text, image=image, audio=audio), k)
+    hits = run_search(store, *one_query(text=text, image=image, audio=audio), k, model_dir=model)
     if as_json:
         out.print_json(json.dumps([h.__dict__ for h in hits]))
         return

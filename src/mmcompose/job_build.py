@@ -21,8 +21,10 @@ __all__ = [
     "build_mcub_split",
     "check_videos",
     "compose_fixed",
+    "compose_method",
     "compose_naive",
     "compose_searched",
+    "compose_unlabelled",
     "file_stamp",
     "first_items",
     "load_model",
@@ -235,6 +237,48 @@ def compose_searched(
         f"  {label} lambdas "
         + ", ".join(f"{m}={w:g}" for m, w in weights)
         + f" (val acc {result.best_accuracy:.3f})"
+    )
+
+
+def compose_method(row: str, sources: Sequence[Model], path: Path) -> None:
+    """One of the method rows (MMER, TIES, DARE) over the shared sources, as
+    :func:`mmcompose.job_methods.method_config` sets it."""
+    from mmcompose.compose.config import ComposeConfig
+    from mmcompose.compose.executor import compose
+    from mmcompose.job_methods import method_config
+
+    cfg = ComposeConfig.model_validate(method_config(row, [s.path for s in sources]))
+    compose(cfg, path, force=True, progress=False)
+
+
+def compose_unlabelled(
+    job: Job, sources: Sequence[Model], val: tuple[Path, Path], label: str, path: Path
+) -> None:
+    """Task arithmetic with the lambdas chosen without labels (AdaMMS's generation
+    consistency) on the questions of ``val``; its answers file is never read."""
+    from mmcompose.compose.config import ComposeConfig
+    from mmcompose.compose.search_unlabelled import compose_with_unlabelled_search
+
+    cfg = ComposeConfig.model_validate(
+        {"merge_method": "task_arithmetic", "models": [{"model": str(s.path)} for s in sources]}
+    )
+    b = job.budget
+    result, _ = compose_with_unlabelled_search(
+        cfg,
+        path,
+        val[0],
+        force=True,
+        progress=job.progress,
+        grid=b.unlabelled_grid,
+        method="coordinate",
+        max_passes=b.search_passes,
+        mode="loglikelihood",
+    )
+    weights = zip((s.modalities[0] for s in sources), result.best_weights, strict=True)
+    job.log(
+        f"  {label} lambdas "
+        + ", ".join(f"{m}={w:g}" for m, w in weights)
+        + f" (val consistency {result.best_accuracy:.3f})"
     )
 
 

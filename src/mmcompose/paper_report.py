@@ -167,6 +167,7 @@ def _claims(
         if d is not None and x is not None:
             what = f"DAMC beats {other} on {column_label(full)} ({why} helps)"
             out.append(_paired(what, d, x, f"{pc(d)} vs {pc(x)}"))
+    out += _method_claims(m, singles, full)
     pairs = [(m("DAMC", c), m("NaiveMC", c)) for c in mcub]
     if len(mcub) > 1 and all(a is not None and b is not None for a, b in pairs):
         obs, lo, hi, p = gap_growth(pairs[0], pairs[1:])  # type: ignore[arg-type]
@@ -181,11 +182,12 @@ def _claims(
             )
         )
     kept: list[dict[str, Any]] = []
-    for comp in COMPOSITIONS:
+    strategy = {**STRATEGY, **dict.fromkeys(_method_rows(), "shared")}
+    for comp in strategy:
         ratios, ps, parts = [], [], []
         for col in tests:
             modality = col.split(" ", 1)[0]
-            x, y = m(comp, col), m(f"{modality}-{STRATEGY[comp]}", col)
+            x, y = m(comp, col), m(f"{modality}-{strategy[comp]}", col)
             if x is None or y is None:
                 continue
             r = retention(x, y, threshold=KEEP, n_boot=N_BOOT, seed=0)
@@ -213,6 +215,37 @@ def _claims(
                 )
             )
     return out, kept
+
+
+def _method_rows() -> tuple[str, ...]:
+    """MMER, TIES, DARE, the label-free search (:mod:`mmcompose.job_methods`)."""
+    from mmcompose.job_methods import METHOD_ROWS
+
+    return METHOD_ROWS
+
+
+def _method_claims(m: Any, singles: list[str], full: str | None) -> list[Claim]:
+    """Each method row against the best single-modality model and against NaiveMC on the
+    job's whole MCUB set (rows the run does not have are left out)."""
+    if full is None:
+        return []
+    label = column_label(full)
+    naive = m("NaiveMC", full)
+    here = [(s, x) for s in singles if (x := m(s, full)) is not None]
+    out: list[Claim] = []
+    for row in _method_rows():
+        x = m(row, full)
+        if x is None:
+            continue
+        if here:
+            best, bx = max(here, key=lambda t: t[1].mean())
+            what = f"{row} beats the best single-modality model on {label}"
+            detail = f"{100 * x.mean():.1f} vs {best} {100 * bx.mean():.1f}"
+            out.append(_paired(what, x, bx, detail))
+        if naive is not None:
+            detail = f"{100 * x.mean():.1f} vs {100 * naive.mean():.1f}"
+            out.append(_paired(f"{row} beats NaiveMC on {label}", x, naive, detail))
+    return out
 
 
 def build_doc(job: Job, ev: Evaluation, info: dict[str, Any]) -> dict[str, Any]:
@@ -299,6 +332,7 @@ def render_section(doc: dict[str, Any]) -> str:
         "a single-modality model sees only its own input of each MCUB item; — : not "
         "applicable or not measured.",
         "",
+        *_methods_note(doc),
         "By log-likelihood (of each option's text; of each label for the test splits):",
         "",
         *_table(doc, _cell_text),
@@ -354,6 +388,24 @@ def render_section(doc: dict[str, Any]) -> str:
     if t:
         out += ["", "Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items())]
     return "\n".join(out) + "\n"
+
+
+def _methods_note(doc: dict[str, Any]) -> list[str]:
+    """What the method rows are, when the run has them."""
+    if not {r["name"] for r in doc["rows"]} & set(_method_rows()):
+        return []
+    grid = doc.get("setup", {}).get("budget", {}).get("unlabelled_grid") or []
+    return [
+        "MMER, TIES and DARE compose the shared (NaiveMC) sources without training: TIES keeps "
+        "the top 20% of each LoRA delta, elects signs and averages what agrees; MMER adds a "
+        "binary mask per modality over that merged delta (TALL's rule, mask_lambda 1); DARE "
+        "drops half of each delta at random, rescales the rest and averages. NaiveMC + "
+        "label-free search: task arithmetic with the lambdas chosen by AdaMMS's generation "
+        "consistency on the same validation questions without their answers (grid "
+        + ", ".join(f"{g:g}" for g in grid)
+        + ").",
+        "",
+    ]
 
 
 def render_markdown(doc: dict[str, Any]) -> str:

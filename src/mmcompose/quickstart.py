@@ -54,6 +54,7 @@ from mmcompose.job_build import compose_naive as _naive
 from mmcompose.job_build import compose_searched as _damc
 from mmcompose.job_build import load_model as _load
 from mmcompose.job_build import train_model as _train
+from mmcompose.job_methods import METHOD_ROWS, method_plans
 from mmcompose.job_tasks import Task, mcub_column, takes, tasks_info
 from mmcompose.job_tasks import column_tasks as _tasks
 from mmcompose.job_tasks import columns as _columns
@@ -103,6 +104,7 @@ DEFAULT_OUT = Path("runs/quickstart")
 # The ablations of DAMC's two parts (rows of the reproduction's table).
 FIXED = "DAMC (lambda = 1/N, no search)"  # decoupled training, no adaptive adjustment
 SEARCHED_NAIVE = "NaiveMC + lambda search"  # adaptive adjustment, no decoupling
+CLASSIFIED = ("NaiveMC", "DAMC", *METHOD_ROWS)  # compositions also scored on the test splits
 
 
 # ----------------------------------------------------------------------------- stage data
@@ -225,6 +227,7 @@ def stages(modalities: Sequence[str] = MODALITIES, budget: Budget | None = None)
     seeds = f" ({len(budget.seeds)} seeds)" if len(budget.seeds) > 1 else ""
     sets = " for every MCUB set" if budget.subsets else ""
     ablations = ", ablations" if budget.ablations else ""
+    ablations += ", MMER, TIES, DARE, label-free search" if budget.methods else ""
     mcub = "build mini-MCUB" + (" and its subsets" if budget.subsets else "")
     return [
         Stage("assets", prepare, title="prepare assets"),
@@ -446,13 +449,13 @@ def compose_models(job: Job, bench: Benchmark, singles: dict[str, Model]) -> dic
                     SEARCHED_NAIVE,
                 ),
             ]
+        if mods == full:  # MMER, TIES, DARE, label-free search (when the budget asks)
+            plans += method_plans(job, shared, search, search_digest, tag)
         for name, group, key, build, label in plans:
             path = job.cache.folder(
                 "compositions", group, key, build, in_place=True, label=label + tag
             )
-            model = Model(
-                name, "composed", path, key, mods, seed, classify=name in ("NaiveMC", "DAMC")
-            )
+            model = Model(name, "composed", path, key, mods, seed, classify=name in CLASSIFIED)
             out[_id(job, model)] = model
     return out
 

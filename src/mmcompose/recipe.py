@@ -113,6 +113,11 @@ class Budget:
     ablations: bool = False  # decoupled with lambda = 1/N; NaiveMC with the lambda search
     generate_mcub: bool = False  # also score MCUB by generation (the letter parsed)
     paper_report: bool = False  # the report: mean over seeds, intervals, paired tests
+    # MMER, TIES, DARE and NaiveMC with the label-free search (mmcompose.job_methods), on
+    # the whole MCUB set and the test splits; the label-free search's grid (AdaMMS compares
+    # neighbouring values: 2 would tie)
+    methods: bool = False
+    unlabelled_grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 
     @classmethod
     def full(cls) -> Budget:

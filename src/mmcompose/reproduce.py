@@ -8,7 +8,9 @@ the same recipe and cache) with the reproduction's :class:`~mmcompose.recipe.Bud
 - for each seed, the 8 single-modality models (4 modalities x shared / decoupled);
 - for each seed and set (MCUB-4 and the four MCUB-3 subsets): NaiveMC and DAMC (lambdas
   searched on that set's validation items); on MCUB-4 also the ablations of DAMC's two parts:
-  decoupled training with lambda = 1/N (no search), NaiveMC with the lambda search;
+  decoupled training with lambda = 1/N (no search), NaiveMC with the lambda search; and the
+  other ways to compose the shared sources (:mod:`mmcompose.job_methods`): MMER, TIES, DARE
+  and NaiveMC with the label-free lambda search, also scored on the modalities' test splits;
 - evaluation on evenly spaced test items of every modality's test split and every MCUB set,
   by option log-likelihood and by generation (MCUB: the letter parsed);
 - the report (:mod:`mmcompose.paper_report`): mean over seeds with 95% intervals, paired
@@ -57,7 +59,13 @@ DATASETS: dict[str, tuple[str, ...]] = {
     **QUICKSTART_DATASETS,
     "image": (*QUICKSTART_DATASETS["image"], "mesh_views"),
 }
-_PAPER = {"ablations": True, "paper_report": True, "generate": True, "generate_mcub": True}
+_PAPER = {
+    "ablations": True,
+    "paper_report": True,
+    "generate": True,
+    "generate_mcub": True,
+    "methods": True,
+}
 BUDGETS: dict[str, Budget] = {
     "full": Budget(classify_limit=24, mcub_limit=32, search_limit=16, seeds=(0, 1, 2), **_PAPER),
     "smoke": Budget(classify_limit=8, mcub_limit=8, search_limit=8, seeds=(0,), **_PAPER),
@@ -260,6 +268,13 @@ def render_docs(run_dir: str | Path, into: str | Path) -> Path:
             f"{Path(run_dir) / 'results.json'} is incomplete ({type(e).__name__}: {e})",
             hint="run the reproduction again; its report folder is written whole or not at all",
         ) from None
+    chart = Path(run_dir) / "chart.png"
+    if chart.is_file():  # the run's chart beside the docs, linked from the section
+        target = into.parent / "img" / "reproduce-composition.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(chart.read_bytes())
+        section += f"\n![the table's MCUB columns]({target.relative_to(into.parent).as_posix()})\n"
     text = replace_section(text, section, str(into))
     with atomic_file(into) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -5,6 +5,10 @@
 - :mod:`~mmcompose.align.losses`: InfoNCE, Smooth-L1, cross-rank gather (pure).
 - :mod:`~mmcompose.align.trainer`: ``run_align(config, out_dir)``, alternating optimisation.
 - :mod:`~mmcompose.align.config`: the config schema (``AlignConfig``) and its YAML loader.
+- :mod:`~mmcompose.align.data`: groups of paired latents (several modalities, cross keys).
+- :mod:`~mmcompose.align.schedule`: the direction schedule, weighted round-robin (pure).
+- :mod:`~mmcompose.align.continuation`: adding a modality to a trained connector.
+- :mod:`~mmcompose.align.diagnostics`: expert load, router entropy, dead experts (pure).
 - :mod:`~mmcompose.align.evaluate`: Recall@K and ``AlignedModel`` (embed queries / gallery).
 """
 
@@ -25,7 +29,10 @@ _EXPORTS = {
     "AltMoEConnector": "moe",
     "ConnectorConfig": "moe",
     "AlignConfig": "trainer",
+    "AlignData": "data",
     "AlignResult": "trainer",
+    "load_align_data": "data",
+    "routing_report": "diagnostics",
     "load_align_config": "trainer",
     "run_align": "trainer",
 }
@@ -39,6 +46,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AlignConfig",
+    "AlignData",
     "AlignResult",
     "AlignedModel",
     "AltMoEConnector",
@@ -48,6 +56,8 @@ __all__ = [
     "build_feature_store",
     "evaluate_split",
     "load_align_config",
+    "load_align_data",
     "recall_at_k",
+    "routing_report",
     "run_align",
 ]

@@ -31,6 +31,11 @@ class SyntheticData(_Frozen):
     rank: int = Field(default=16, gt=0)
     noise: float = Field(default=0.5, ge=0)
     sizes: dict[str, int] = Field(default_factory=lambda: {"train": 512, "val": 128, "test": 128})
+    # False (as before): one random stream for everything, so adding a modality to ``dims``
+    # redraws the others. True: each modality's map and noise from its own stream keyed by its
+    # name, z per split: adding a modality leaves the others' latents bit-identical (what a
+    # continuation run, ``mmcompose align --from``, needs to compare old directions).
+    independent: bool = False
 
 
 class DataConfig(_Frozen):
@@ -40,6 +45,11 @@ class DataConfig(_Frozen):
     datasets: list[str] = Field(default_factory=list)
     text_field: str = "caption"
     match_key: str | None = None  # which field defines positives; default: text_field
+    # Pairs two non-text modalities (image <-> audio): records of different datasets with the
+    # same value are positives of each other. ``label`` is the concept of the shared vocabulary
+    # (assets/datasets/concepts.py), so a drawing of a cow and the spoken word "cow" pair up.
+    # null: no media <-> media directions.
+    cross_key: str | None = "label"
     synthetic: SyntheticData = SyntheticData()
 
     @model_validator(mode="after")
@@ -63,6 +73,10 @@ class TrainConfig(_Frozen):
     cl_weight: float = Field(default=0.5, ge=0)
     reg_weight: float = Field(default=0.5, ge=0)
     balance_weight: float = Field(default=0.0, ge=0)  # Switch load-balancing loss (off: reference)
+    # {"src->tgt": w}: under ``alternating`` direction d takes w_d of every sum(w) turns,
+    # interleaved (smooth weighted round-robin, align/schedule.py); under ``joint`` its loss
+    # counts w_d / sum(w). Unlisted directions weigh 1; None: plain round-robin.
+    schedule_weights: dict[str, int] | None = None
     eval_every: int = Field(default=50, gt=0)
     patience: int = Field(default=10, gt=0)  # evaluations without improvement
     checkpoint_every: int = Field(default=100, gt=0)
@@ -70,10 +84,27 @@ class TrainConfig(_Frozen):
     # oversubscription, which slowed small steps 40x in our measurements.
     num_threads: int | None = Field(default=None, gt=0)
 
+    @model_validator(mode="after")
+    def _check_weights(self) -> TrainConfig:
+        from mmcompose.align.schedule import parse_direction
+
+        for name, w in (self.schedule_weights or {}).items():
+            parse_direction(name)  # ValueError naming the malformed key
+            if w < 1:
+                raise ValueError(
+                    f"train.schedule_weights[{name!r}] = {w}: weights are positive integers "
+                    "(leave a direction out with `directions`)"
+                )
+        return self
+
 
 class EvalConfig(_Frozen):
     space: Literal["cl", "reg"] = "cl"  # early stopping and the default embedding space
     split: str = "test"
+    # routing.png (expert load, router entropy, dead experts per direction) in the output
+    # folder; the same figures are always in metrics.json["routing"]. Off by default so an
+    # output folder keeps its three files; the shipped configs turn it on. Needs matplotlib.
+    figures: bool = False
 
 
 class AlignConfig(_Frozen):

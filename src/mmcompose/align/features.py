@@ -12,6 +12,13 @@ and ``index.json`` (written last) with the ids, shapes and the key. The key hash
 same data returns the stored folder at once, and a changed file or parameter gets a new one.
 Folders are built with :func:`mmcompose.fs.atomic_dir`: a crash never leaves a readable half.
 
+Data-parallel extraction (``build_feature_store(..., distributed=True)`` on every rank of a
+torchrun job, or ``torchrun --nproc_per_node N -m mmcompose.align.features MANIFEST --encoder
+NAME``): the shards are dealt out in contiguous runs, each rank encodes and writes its own
+shards into the one temporary folder, and rank 0 writes ``index.json`` and renames the folder
+in, so the store has the very layout (shard boundaries, padding) a single process writes. The
+feature root must be on a filesystem every rank sees.
+
 Encoders: the registered media encoders (``efficientnet_lite0`` -> 49 x 1280 grid tokens,
 ``whisper_tiny_en`` -> audio tokens, any other in ``ENCODERS``) and two text encoders:
 ``minilm`` (all-MiniLM-L6-v2 token states) and ``smollm2`` (the base LLM's hidden states, the
@@ -20,11 +27,13 @@ mean of the last two layers, as the reference does with its LLM).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from mmcompose.errors import CheckpointError, ConfigError, UnknownNameError
+from mmcompose.errors import CheckpointError, ConfigError, MMComposeError, UnknownNameError
 from mmcompose.fs import atomic_dir, read_json, write_json_atomic
 
 __all__ = [
@@ -47,6 +56,7 @@ __all__ = [
     "build_feature_store",
     "default_store_root",
     "encoder_modality",
+    "extract_manifest",
     "store_key",
 ]
 
@@ -374,26 +384,82 @@ def build_feature_store(
     shard_size: int = 4096,
     progress: bool = True,
     force: bool = False,
+    distributed: bool = False,
 ) -> FeatureStore:
     """Encode ``inputs`` (paths or texts) with ``ref`` once; return the (possibly stored) store.
 
-    Identical inputs are encoded once (captions repeat). ``encoder`` injects a ready encoder
-    (tests, or to share one across stores)."""
+    Identical inputs are encoded once per shard run (captions repeat). ``encoder`` injects a
+    ready encoder (tests, or to share one across stores). ``distributed``: called on every
+    rank of an initialised process group, the ranks share the work (see the module doc)."""
     if len(ids) != len(inputs) or not ids:
         raise ConfigError("a feature store needs as many ids as inputs, and at least one")
     if len(set(ids)) != len(ids):
         raise ConfigError("feature store ids must be unique")
+    if shard_size <= 0:
+        raise ConfigError(f"shard_size must be positive, got {shard_size}")
     key = store_key(ref, ids, inputs)
     final = Path(root or default_store_root()) / f"{ref.name}-{key}"
-    if not force and (final / INDEX_NAME).is_file():
+    rank, world = _rank_world() if distributed else (0, 1)
+    cached = not force and (final / INDEX_NAME).is_file()
+    if world > 1:
+        cached = bool(_broadcast_int(int(cached)))  # rank 0 decides for all
+    if cached:
         return FeatureStore(final)
     enc = encoder or build_feature_encoder(ref)
-    from tqdm.auto import tqdm
-
     is_text = enc.modality == "text"
     fingerprints = [_input_fingerprint(x, is_text) for x in inputs]
+    plan = [
+        (n, s, min(s + shard_size, len(ids))) for n, s in enumerate(range(0, len(ids), shard_size))
+    ]
+    mine = plan[len(plan) * rank // world : len(plan) * (rank + 1) // world]
+    with _staging(final, rank, world) as tmp:
+
+        def encode_mine() -> None:
+            _encode_shards(ref, enc, tmp, mine, fingerprints, inputs, progress and rank == 0)
+            if rank == 0:  # the layout is known in advance: no rank's output is needed
+                shards = [{**_shard_names(n), "start": a, "stop": b} for n, a, b in plan]
+                write_json_atomic(
+                    tmp / INDEX_NAME,
+                    {
+                        "format": FORMAT,
+                        "key": key,
+                        "encoder": ref.model_dump(mode="json"),
+                        "modality": enc.modality,
+                        "dim": int(enc.dim),
+                        "dtype": "float16",
+                        "num_items": len(ids),
+                        "ids": list(ids),
+                        "shards": shards,
+                    },
+                )
+
+        if world > 1:
+            from mmcompose.bench.distributed import DataParallel
+
+            DataParallel(rank, world).run(encode_mine)  # an error on one rank fails all
+        else:
+            encode_mine()
+    return FeatureStore(final)
+
+
+def _encode_shards(
+    ref: EncoderRef,
+    enc: FeatureEncoder,
+    folder: Path,
+    shards: Sequence[tuple[int, int, int]],
+    fingerprints: Sequence[str],
+    inputs: Sequence[Any],
+    progress: bool,
+) -> None:
+    """Encode the rows of ``shards`` (``(number, start, stop)``, one contiguous run) and write
+    each shard; identical inputs in the run are encoded once."""
+    if not shards:
+        return
+    from tqdm.auto import tqdm
+
+    lo, hi = shards[0][1], shards[-1][2]
     first: dict[str, Any] = {}
-    for fp, x in zip(fingerprints, inputs, strict=True):
+    for fp, x in zip(fingerprints[lo:hi], inputs[lo:hi], strict=True):
         first.setdefault(fp, x)
     unique = list(first)
     encoded: dict[str, np.ndarray] = {}
@@ -409,24 +475,138 @@ def build_feature_store(
             encoded[fp] = tokens
         bar.update(len(chunk))
     bar.close()
-    with atomic_dir(final, overwrite=True) as tmp:
-        shards = []
-        for n, start in enumerate(range(0, len(ids), shard_size)):
-            rows = [encoded[fp] for fp in fingerprints[start : start + shard_size]]
-            names = _write_shard(tmp, n, ModalityFeatures.from_token_list(rows))
-            shards.append({**names, "start": start, "stop": start + len(rows)})
-        write_json_atomic(
-            tmp / INDEX_NAME,
-            {
-                "format": FORMAT,
-                "key": key,
-                "encoder": ref.model_dump(mode="json"),
-                "modality": enc.modality,
-                "dim": int(enc.dim),
-                "dtype": "float16",
-                "num_items": len(ids),
-                "ids": list(ids),
-                "shards": shards,
-            },
+    for n, start, stop in shards:
+        rows = [encoded[fp] for fp in fingerprints[start:stop]]
+        _write_shard(folder, n, ModalityFeatures.from_token_list(rows))
+
+
+def _shard_names(n: int) -> dict[str, str]:
+    return {k: f"{k}-{n:05d}.npy" for k in ("tokens", "lengths", "pooled")}
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _broadcast_int(value: int) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def _broadcast_name(name: str) -> str:
+    """Rank 0's string on every rank (bytes in an int64 tensor: nothing pickled)."""
+    import torch.distributed as dist
+
+    data = list(name.encode())  # empty on the other ranks
+    n = _broadcast_int(len(data))
+    t = torch.tensor(data, dtype=torch.int64) if data else torch.zeros(n, dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    return bytes(t.tolist()).decode()
+
+
+@contextlib.contextmanager
+def _staging(final: Path, rank: int, world: int) -> Iterator[Path]:
+    """The temporary folder every rank writes into; rank 0 renames it in at the end (or
+    removes it on an error, which :class:`DataParallel` raises on every rank)."""
+    if world == 1:
+        with atomic_dir(final, overwrite=True) as tmp:
+            yield tmp
+        return
+    import torch.distributed as dist
+
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(final, overwrite=True)) if rank == 0 else None
+        name = _broadcast_name(tmp.name if tmp is not None else "")
+        yield final.parent / name
+        dist.barrier()  # every rank's shards are written before rank 0 renames the folder
+    dist.barrier()  # and the store is in place before any rank returns it
+
+
+def _write_shard(folder: Path, n: int, feats: ModalityFeatures) -> dict[str, str]:
+    names = _shard_names(n)
+    for kind, array in (
+        ("tokens", feats.tokens),
+        ("lengths", feats.lengths),
+        ("pooled", feats.pooled),
+    ):
+        out = np.lib.format.open_memmap(
+            folder / names[kind], mode="w+", dtype=array.dtype, shape=array.shape
         )
-    return FeatureStore(final)
+        out[...] = array
+        out.flush()
+        del out
+    return names
+
+
+# =========================================================================== torchrun entry
+def extract_manifest(
+    manifest: str | Path,
+    ref: EncoderRef,
+    root: str | Path | None = None,
+    *,
+    field: str = "path",
+    split: str | None = None,
+    shard_size: int = 4096,
+    progress: bool = True,
+    force: bool = False,
+) -> FeatureStore:
+    """The feature store of a manifest's ``field`` (``path`` for media, ``caption`` for text)
+    under ``ref``; data-parallel when a process group is initialised."""
+    from mmcompose.manifest import read_manifest
+
+    rows = read_manifest(manifest, split, required=("id", field))
+    return build_feature_store(
+        ref, [str(r["id"]) for r in rows], [r[field] for r in rows], root,
+        shard_size=shard_size, progress=progress, force=force, distributed=True,
+    )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``[torchrun --nproc_per_node N] -m mmcompose.align.features MANIFEST --encoder NAME``."""
+    p = argparse.ArgumentParser(
+        prog="python -m mmcompose.align.features",
+        description="Encode a manifest's items once with a frozen encoder into a feature "
+        "store; under torchrun each process encodes a share of the shards.",
+    )
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--encoder", required=True, help="e.g. efficientnet_lite0, minilm")
+    p.add_argument("--params", default="{}", help="encoder parameters as JSON")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--field", default="path", help="path (media) or caption/label (text)")
+    p.add_argument("--split", default=None)
+    p.add_argument("--root", type=Path, default=None, help="default: the cache's align_features")
+    p.add_argument("--shard-size", type=int, default=4096)
+    p.add_argument("--force", action="store_true", help="encode again even if stored")
+    args = p.parse_args(argv)
+    from mmcompose.bench.distributed import data_parallel
+
+    try:
+        try:
+            params = json.loads(args.params)
+        except ValueError as exc:
+            raise ConfigError(f"--params is not JSON: {exc}") from None
+        try:
+            ref = EncoderRef(name=args.encoder, params=params, batch_size=args.batch_size)
+        except ValueError as exc:
+            raise ConfigError(f"invalid encoder options: {exc}") from None
+        with data_parallel() as dp:
+            store = extract_manifest(
+                args.manifest, ref, args.root, field=args.field, split=args.split,
+                shard_size=args.shard_size, progress=dp.main, force=args.force,
+            )  # fmt: skip
+        if dp.main:
+            print(f"{len(store.ids)} items -> {store.path}")
+    except MMComposeError as e:
+        print(f"error: {e.message}" + (f"\n  hint: {e.hint}" if e.hint else ""), file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -43,9 +43,22 @@ def check_search_options(
     search_answers: Path | None = None,
     grid: str | None = None,
     search_passes: int | None = None,
+    search_unlabelled: Path | None = None,
 ) -> None:
-    """Search options only make sense with ``--search``, and a search cannot be a dry run."""
-    if search is None:
+    """Search options only make sense with ``--search`` or ``--search-unlabelled`` (one of
+    them: gold answers and no labels exclude each other), and a search is never a dry run."""
+    if search is not None and search_unlabelled is not None:
+        raise ConfigError(
+            "--search and --search-unlabelled both given",
+            hint="search with gold answers (--search VAL.json) or without (--search-unlabelled "
+            "INPUTS), not both",
+        )
+    if search_unlabelled is not None and search_answers is not None:
+        raise ConfigError(
+            "--search-answers cannot be used with --search-unlabelled (it searches without labels)",
+            hint="drop --search-answers, or search on them with --search VAL.json",
+        )
+    if search is None and search_unlabelled is None:
         given = [
             flag
             for flag, v in (
@@ -57,13 +70,14 @@ def check_search_options(
         ]
         if given:
             raise ConfigError(
-                f"{', '.join(given)} needs --search VAL.json",
+                f"{', '.join(given)} needs --search VAL.json or --search-unlabelled INPUTS",
                 hint="add --search with MCUB-format validation questions, or drop "
                 + ", ".join(given),
             )
     elif dry_run:
+        flag = "--search" if search is not None else "--search-unlabelled"
         raise ConfigError(
-            "--dry-run cannot be combined with --search (the search scores real models)",
+            f"--dry-run cannot be combined with {flag} (the search scores real models)",
             hint="run --dry-run alone to check the plan",
         )
 
@@ -82,9 +96,11 @@ def run_compose(
     search_mode: str = "loglikelihood",
     search_method: str = "coordinate",
     search_passes: int | None = None,
+    search_unlabelled: Path | None = None,
 ) -> ComposeResult | SearchedComposition:
     """Check the options (device included) before any work, then compose, searching the
-    lambdas first when ``search`` names validation questions.
+    lambdas first when ``search`` names validation questions (or, without labels, when
+    ``search_unlabelled`` names inputs: :mod:`mmcompose.compose.search_unlabelled`).
 
     The options, the YAML file and the output path are checked before the composition code
     (torch, 1-3 s to import) is: a typo is answered in well under a second."""
@@ -98,7 +114,12 @@ def run_compose(
         search_answers=search_answers,
         grid=grid,
         search_passes=search_passes,
+        search_unlabelled=search_unlabelled,
     )
+    if search_unlabelled is not None:
+        from mmcompose.compose.search_unlabelled import check_unlabelled_path
+
+        check_unlabelled_path(search_unlabelled)  # a typo: before torch
     check_device(device)
     load_yaml(config, "compose config")  # a missing or malformed file: before torch
     if not dry_run:
@@ -106,6 +127,26 @@ def run_compose(
     from mmcompose.compose.config import load_compose_config
 
     cfg = load_compose_config(config)  # its schema needs only torch, not the model code
+    if search_unlabelled is not None:
+        from mmcompose.compose.search_loop import MAX_PASSES
+        from mmcompose.compose.search_unlabelled import (
+            UNLABELLED_GRID,
+            compose_with_unlabelled_search,
+        )
+
+        found, composed = compose_with_unlabelled_search(
+            cfg,
+            out_dir,
+            search_unlabelled,
+            force=force,
+            device=device,
+            allow_nonfinite=allow_nonfinite,
+            grid=UNLABELLED_GRID if grid is None else grid,
+            method=search_method,
+            mode=search_mode,
+            max_passes=MAX_PASSES if search_passes is None else search_passes,
+        )
+        return SearchedComposition(found, composed)
     if search is None:
         from mmcompose.compose.executor import compose
 

@@ -1,16 +1,20 @@
 """Carrying out a composition plan, streamed tensor by tensor into size-capped shards.
 
-Each plan step reads its few inputs lazily, computes on ``device``, hands the result to a
-shard writer and drops the inputs; a shard is written as soon as its last tensor arrives (the
-layout is fixed by the plan, so file names are known up front). Peak memory is about
-(number of inputs + 2) x the largest tensor plus one output shard. Everything is written into
-``atomic_dir``: an error or Ctrl-C leaves nothing at the output path.
+Each plan step reads its few inputs, computes on ``device``, hands the result to a shard
+writer and drops the inputs. Three threads overlap the work (:mod:`~mmcompose.compose.tensor_io`):
+one reads the next steps' inputs with ``preadv`` (no file mapping stays resident), the main one
+computes, one writes each output tensor at its offset in its shard as soon as it exists (the
+layout is fixed by the plan, so every header is known up front). Peak memory is about the
+largest step's inputs plus the read-ahead and write-behind budgets, whatever the model's size
+or depth. Everything is written into ``atomic_dir``: an error or Ctrl-C leaves nothing at the
+output path.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -19,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from mmcompose.compose.config import ComposeConfig, load_compose_config
@@ -41,17 +44,30 @@ from mmcompose.compose.plan import (
 )
 from mmcompose.compose.plan_data import MaskedMerge, TaskVector
 from mmcompose.compose.sources import Source
+from mmcompose.compose.tensor_io import (
+    ReadAhead,
+    ShardFeed,
+    ShardSpec,
+    StreamWriter,
+    TensorFile,
+    all_finite,
+    write_shard_stream,
+)
 from mmcompose.devices import resolve_device
-from mmcompose.errors import MergeError
+from mmcompose.errors import CheckpointError, MergeError
 from mmcompose.fs import atomic_dir, refuse_existing
 from mmcompose.io import SAFE_INDEX, plan_shards, shard_names
 from mmcompose.model.card import write_card
 from mmcompose.model.config import CONFIG_NAME, PROCESSOR_CONFIG, TEXT_ADAPTER
 from mmcompose.model.masked import pack_mask
-from mmcompose.model.modeling import all_finite
 
 REPORT_NAME = "composition_report.json"
 _RELEASE_BYTES = 1 << 30  # input pages kept mapped before the files are reopened
+# Bytes read ahead of the current step / waiting to be written: enough to keep the disk busy
+# while a step computes, small beside the model (peak RSS is flat in its size and depth).
+READ_AHEAD_BYTES = 256 << 20
+WRITE_BEHIND_BYTES = 256 << 20
+WRITE_THREAD = True
 
 __all__ = [
     "REPORT_NAME",
@@ -112,13 +128,18 @@ def identity_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 class _Reader:
-    """Reads input tensors, checks them for NaN/Inf, moves them to the compute device."""
+    """Reads input tensors, checks them for NaN/Inf, moves them to the compute device.
+
+    Safetensors inputs are read directly (:class:`TensorFile`), ahead of the step that needs
+    them when ``steps`` are given; anything else (``.bin`` files, importer transforms) through
+    its :class:`Source`."""
 
     def __init__(
         self,
         plan: Plan,
         device: torch.device,
         allow_nonfinite: bool,
+        read_ahead: int = 0,
     ) -> None:
         self.sources: list[Source] = plan.sources
         self.device = device
@@ -126,11 +147,41 @@ class _Reader:
         self.allow_nonfinite = allow_nonfinite
         self.warnings: list[str] = []
         self.read_bytes = 0
+        self.files: dict[Path, TensorFile | None] = {}
+        self.lock = threading.Lock()
+        self.ahead = ReadAhead(plan.steps, self.locate, read_ahead) if read_ahead else None
+
+    def locate(self, ref: Ref) -> tuple[TensorFile, str] | None:
+        """Where ``ref`` can be read directly, or None (a transform, a ``.bin``, a Source
+        subclass that reads its own way, a file it cannot open)."""
+        src = self.sources[ref.source]
+        entry = getattr(src, "_entries", {}).get(ref.name)
+        if type(src).get is not Source.get or entry is None:
+            return None
+        file, stored, transform = entry
+        if transform is not None or file.suffix != ".safetensors":
+            return None
+        with self.lock:
+            if file not in self.files:
+                try:
+                    self.files[file] = TensorFile(file)
+                except (OSError, CheckpointError):
+                    self.files[file] = None  # Source.get reports it
+            tf = self.files[file]
+        return (tf, stored) if tf is not None and tf.readable(stored) else None
 
     def raw(self, ref: Ref) -> Tensor:
-        t = self.sources[ref.source].get(ref.name)
-        self.read_bytes += t.numel() * t.element_size()
-        if not all_finite(t):
+        got = self.ahead.read(ref) if self.ahead is not None else None
+        if got is None:
+            where = self.locate(ref)
+            if where is None:
+                t = self.sources[ref.source].get(ref.name)
+                self.read_bytes += t.numel() * t.element_size()
+            else:
+                t = _read_direct(*where)
+            got = t, all_finite(t)
+        t, finite = got
+        if not finite:
             self._nonfinite(ref)
         return t
 
@@ -146,19 +197,34 @@ class _Reader:
         self.warnings.append(msg)
 
     def release(self, every: int) -> None:
-        """Unmap the input files once ``every`` bytes were read through them: pages read via
-        safetensors' mmap otherwise stay resident, and peak RSS would grow with model size.
-        Not after every tensor: reopening a file costs a little."""
+        """Unmap the input files once ``every`` bytes were read through them (``Source.get``
+        only): pages read via safetensors' mmap otherwise stay resident, and peak RSS would
+        grow with model size. Not after every tensor: reopening a file costs a little."""
         if self.read_bytes >= every:
             for s in self.sources:
                 s.close()
             self.read_bytes = 0
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+        for tf in self.files.values():
+            if tf is not None:
+                tf.close()
+        self.files.clear()
 
     def delta(self, d: Delta) -> Tensor:
         return lora_delta(self.compute(d.a), self.compute(d.b), d.scaling)
 
     def label(self, i: int) -> str:
         return str(self.sources[i].path)
+
+
+def _read_direct(tf: TensorFile, name: str) -> Tensor:
+    try:
+        return tf.read(name)
+    except OSError as e:
+        raise CheckpointError(f"cannot read tensor {name} from {tf.path}: {e}") from None
 
 
 # ---------------------------------------------------------------- running steps
@@ -255,36 +321,57 @@ def _call(
 # ---------------------------------------------------------------- writing shards
 
 
-def _write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write one shard file (a seam for tests that interrupt a merge)."""
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+def _write_shard(path: Path, tensors: ShardFeed, metadata: dict[str, str]) -> None:
+    """Write one shard file from its tensors as they arrive (a seam for tests that interrupt
+    a merge; runs in the writer thread)."""
+    write_shard_stream(path, tensors, metadata)
 
 
 class _ShardWriter:
-    """Collects output tensors into the shards the plan laid out; writes each when full."""
+    """Sends output tensors to the shards the plan laid out, written behind by a thread."""
 
-    def __init__(self, folder: Path, outputs: Sequence[OutputTensor], cap: int, meta: dict) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        outputs: Sequence[OutputTensor],
+        cap: int,
+        meta: dict,
+        budget: int = WRITE_BEHIND_BYTES,
+    ) -> None:
         self.folder, self.meta = folder, meta
         self.specs = {o.name: o for o in outputs}
         groups = plan_shards(((o.name, o.nbytes) for o in outputs), cap)
         self.files = shard_names(len(groups)) if outputs else []
         self.groups = groups if outputs else []
         self.shard_of = {n: g for g, names in enumerate(self.groups) for n in names}
-        self.pending: dict[int, dict[str, Tensor]] = {}
+        shards = [
+            (
+                folder / f,
+                ShardSpec(
+                    tuple(names),
+                    tuple(self.specs[n].shape for n in names),
+                    tuple(self.specs[n].dtype for n in names),
+                ),
+            )
+            for f, names in zip(self.files, self.groups, strict=True)
+        ]
+        # the module attribute is looked up per shard, so a test can replace _write_shard
+        self.stream = StreamWriter(
+            shards, meta, lambda *a: _write_shard(*a), budget, threaded=WRITE_THREAD
+        )
 
     def add(self, name: str, t: Tensor) -> None:
         spec = self.specs[name]
         if tuple(t.shape) != spec.shape:
             raise MergeError(f"internal: {name} came out {list(t.shape)}, planned {spec.shape}")
-        g = self.shard_of[name]
-        self.pending.setdefault(g, {})[name] = t.detach().to("cpu", spec.dtype)
-        if len(self.pending[g]) == len(self.groups[g]):
-            _write_shard(self.folder / self.files[g], self.pending.pop(g), self.meta)
+        self.stream.add(name, t.detach().to("cpu", spec.dtype).contiguous())
 
     def finish(self) -> list[str]:
-        if self.pending:
-            missing = [n for g in self.pending for n in self.groups[g] if n not in self.pending[g]]
-            raise MergeError(f"internal: tensors never produced: {missing[:5]}")
+        if self.stream.missing:
+            self.stream.close()
+            self.stream._raise()
+            raise MergeError(f"internal: tensors never produced: {sorted(self.stream.missing)[:5]}")
+        self.stream.finish()
         if len(self.files) > 1:
             index = {
                 "metadata": {"total_size": sum(o.nbytes for o in self.specs.values())},
@@ -374,17 +461,27 @@ class ComposeResult:
 
 
 def _execute(plan: Plan, folder: Path, dev: torch.device, allow_nonfinite: bool, progress: bool):
-    rd = _Reader(plan, dev, allow_nonfinite)
     meta = {"format": "pt"} | ({"mmcompose": "1"} if plan.output_format == "mmcompose" else {})
-    writer = _ShardWriter(folder, plan.outputs, plan.config.shard_bytes, meta)
     gen = None
     if plan.config.seed is not None:
         gen = torch.Generator(device=dev).manual_seed(plan.config.seed)
-    for step in _progress(plan.steps, progress):
-        for name, t in run_step(step, rd, gen).items():
-            writer.add(name, t)
-        rd.release(min(plan.config.shard_bytes, _RELEASE_BYTES))
-    return writer.finish(), rd.warnings
+    rd = _Reader(plan, dev, allow_nonfinite, READ_AHEAD_BYTES)
+    try:
+        writer = _ShardWriter(folder, plan.outputs, plan.config.shard_bytes, meta)
+        try:
+            for i, step in enumerate(_progress(plan.steps, progress)):
+                if rd.ahead is not None:
+                    rd.ahead.begin(i)
+                for name, t in run_step(step, rd, gen).items():
+                    writer.add(name, t)
+                if rd.ahead is not None:
+                    rd.ahead.end(i)
+                rd.release(min(plan.config.shard_bytes, _RELEASE_BYTES))
+            return writer.finish(), rd.warnings
+        finally:
+            writer.stream.close()
+    finally:
+        rd.close()
 
 
 def _progress(steps: Sequence[Step], enabled: bool) -> Iterable[Step]:

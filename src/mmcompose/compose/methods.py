@@ -78,6 +78,9 @@ PerModel = Annotated[T | Sequence[T], _PER_MODEL]
 _WEIGHT = TypeAdapter(Finite)
 _DENSITY = TypeAdapter(Density)
 _GAMMA = TypeAdapter(Gamma)
+# Entries per block of the blocked plain sum (see _blocked_sum); a module attribute so a
+# benchmark can change it.
+BLOCK = 24576  # under torch's parallel grain (32768): serial ops, no thread hand-offs
 
 
 # ---------------------------------------------------------------- the generalised method
@@ -130,6 +133,10 @@ def task_vector_merge(
         tau = _task_vector(t, base_w, work, out)
         return _sparsify(tau, sparsify, d, g, rescale, semantics, generator)
 
+    dense = sparsify == "none" or min(densities) >= 1  # _sparsify returns tau untouched
+    if consensus is None and dense and _blockable(tensors, base):
+        divisor = _plain_divisor(w, semantics) if normalize else None
+        return _blocked_sum(tensors, base, w, work, dtype, divisor, lambda_)
     if consensus is None:
         taus = (sparse_tau(*a) for a in zip(tensors, densities, gammas, strict=True))
         mixed, divisor = _plain_sum(taus, w, semantics)
@@ -138,7 +145,7 @@ def task_vector_merge(
         for row, *a in zip(stacked, tensors, densities, gammas, strict=True):
             sparse_tau(*a, out=row)
         mixed, divisor = _disjoint_sum(stacked, w, consensus, semantics, normalize)
-    if normalize:
+    if normalize and not _is_one(divisor):
         assert divisor is not None
         mixed /= divisor
     if lambda_ != 1:
@@ -221,10 +228,74 @@ def _plain_sum(
     for tau, w in zip(taus, weights, strict=True):
         mixed = tau.mul_(w) if mixed is None else mixed.add_(tau.mul_(w))
     assert mixed is not None  # _check_tensors guarantees a model
+    return mixed, _plain_divisor(weights, semantics)
+
+
+def _plain_divisor(weights: list[float], semantics: Semantics) -> float:
     if semantics == "peft":
-        return mixed, float(len(weights))
+        return float(len(weights))
     total = sum(weights)
-    return mixed, 1.0 if abs(total) < 1e-8 else total  # mergekit's guard
+    return 1.0 if abs(total) < 1e-8 else total  # mergekit's guard
+
+
+def _is_one(x: Tensor | float | None) -> bool:
+    """x / 1.0 is x, bit for bit: such a division is skipped."""
+    return isinstance(x, float) and x == 1.0
+
+
+def _blockable(tensors: Sequence[Tensor], base: Tensor | None) -> bool:
+    """Large strided CPU tensors: there the blocked sum saves whole-tensor float32 copies."""
+    inputs = [*tensors] if base is None else [*tensors, base]
+    return tensors[0].numel() > BLOCK and all(
+        t.device.type == "cpu" and t.layout == torch.strided for t in inputs
+    )
+
+
+def _blocked_sum(
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    weights: list[float],
+    work: torch.dtype,
+    dtype: torch.dtype,
+    divisor: float | None,
+    lambda_: float,
+) -> Tensor:
+    """``base + lambda * sum_i w_i tau_i / divisor`` block by block, straight into the result.
+
+    Each entry goes through the same float operations, in the same order, as in the
+    whole-tensor path (tau in ``work`` dtype, ``mul_(w)``, ``add_``, ``/ divisor``,
+    ``* lambda``, ``+ base``, cast), so the bits are the same; but the blocks stay in cache
+    and no float32 copy of a whole input is made (a quarter of the memory traffic on bf16)."""
+    out = torch.empty(tensors[0].shape, dtype=dtype)
+    flat_out = out.view(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    flat_base = None if base is None else base.reshape(-1)
+    n = flat_out.numel()
+    acc, tmp = torch.empty(BLOCK, dtype=work), torch.empty(BLOCK, dtype=work)
+    base_block = None if base is None else torch.empty(BLOCK, dtype=work)
+    for s in range(0, n, BLOCK):
+        e = min(n, s + BLOCK)
+        a, b = acc[: e - s], tmp[: e - s]
+        c = None
+        if flat_base is not None and base_block is not None:
+            c = base_block[: e - s].copy_(flat_base[s:e])
+        for i, (t, w) in enumerate(zip(flats, weights, strict=True)):
+            dst = a if i == 0 else b
+            if c is None:
+                dst.copy_(t[s:e])
+            else:
+                torch.sub(t[s:e], c, out=dst)
+            dst.mul_(w)
+            if i:
+                a.add_(b)
+        if divisor is not None and divisor != 1.0:
+            a /= divisor
+        if lambda_ != 1:
+            a *= lambda_
+        if c is not None:
+            a.add_(c)
+        flat_out[s:e].copy_(a)
+    return out
 
 
 def _disjoint_sum(

@@ -60,6 +60,14 @@ class SearchResult:
     n_items: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # None: a labelled search (accuracy); "consistency": the label-free search
+    # (:mod:`~mmcompose.compose.consistency`), whose candidates' ``accuracy`` holds that score
+    criterion: str | None = None
+
+    @property
+    def score_name(self) -> str:
+        """What each candidate's ``accuracy`` field measures."""
+        return self.criterion or "accuracy"
 
     @property
     def best_weights(self) -> Weights:
@@ -110,12 +118,13 @@ class SearchResult:
             "evaluated": sum(not c.cached for c in self.candidates),
             "seconds": round(self.seconds, 3),
             "notes": list(self.notes),
+            **({"criterion": self.criterion} if self.criterion else {}),
             "candidates": self.rows(),
         }
 
     def to_markdown(self) -> str:
         names = self.source_names()
-        what = self.metric or "accuracy"
+        what = self.metric or self.score_name
         items = f" on {self.n_items} items" if self.n_items is not None else ""
         best = ", ".join(
             f"{n} = {fmt_num(w)}" for n, w in zip(names, self.best.weights, strict=True)
@@ -129,7 +138,7 @@ class SearchResult:
             *([""] + [f"- {n}" for n in self.notes] if self.notes else []),
             "",
             "| # | pass | swept | " + " | ".join(f"lambda {n}" for n in names)
-            + " | accuracy | seconds | note |",
+            + f" | {self.score_name} | seconds | note |",
             "|" + "---|" * (len(names) + 6),
         ]  # fmt: skip
         for c in self.candidates:

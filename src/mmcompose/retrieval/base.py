@@ -2,9 +2,15 @@
 
 A store is a folder. Its ``store.json`` header names the backend, the vector dimension, the
 metric, the index and its parameters, the model id (fingerprint of the connector whose vectors
-it holds), the committed row count and the format version. The header is what makes bad inputs
-clear errors: a query of the wrong width, a store built by another model, a folder whose data
-does not match what the header promised (a crash, a half copy, tampering).
+it holds), the committed (live) row count, the last recall tuning and the format version. The
+header is what makes bad inputs clear errors: a query of the wrong width, a store built by
+another model, a folder whose data does not match what the header promised (a crash, a half
+copy, tampering).
+
+Every change (add, update, upsert, delete, compact, a recorded tuning) is checked whole before
+anything is written, and takes effect in one atomic header replace, so a bad id or a crash
+leaves the previous state. Backends without a real delete (FAISS) keep tombstones and compact
+when they pass a quarter of the rows.
 """
 
 from __future__ import annotations
@@ -20,20 +26,23 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mmcompose.errors import MMComposeError
+from mmcompose.errors import ConfigError, MMComposeError
 from mmcompose.fs import atomic_dir, exclusive, read_json, write_json_atomic
 from mmcompose.registry import Registry
 
 __all__ = [
+    "COMPACT_RATIO",
     "FORMAT_VERSION",
     "HEADER_NAME",
     "METRICS",
     "BackendUnavailableError",
+    "ConnectorMismatchError",
     "CorruptStoreError",
     "RetrievalError",
     "SearchResult",
     "StoreHeader",
     "StoreMismatchError",
+    "UnknownIdError",
     "UntrainedIndexError",
     "VectorStore",
     "backends",
@@ -42,7 +51,8 @@ __all__ = [
 ]
 
 HEADER_NAME = "store.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tombstones (FAISS), versioned rows (Milvus), recall tuning
+COMPACT_RATIO = 0.25  # tombstones above this share of the rows trigger a compaction
 _OPEN_ATTEMPTS = 5  # a writer committing while a reader opens: reread the new header
 METRICS = ("cosine", "ip", "l2")
 _SCHEMA_TYPES: dict[str, tuple[type, ...]] = {
@@ -64,6 +74,14 @@ class StoreMismatchError(RetrievalError):
 
 class CorruptStoreError(RetrievalError):
     """The store folder is damaged or half-written: its data disagrees with its header."""
+
+
+class ConnectorMismatchError(StoreMismatchError, ConfigError):
+    """A store is searched or extended with a connector other than the one that filled it."""
+
+
+class UnknownIdError(RetrievalError):
+    """A delete or update names ids the store does not hold."""
 
 
 class UntrainedIndexError(RetrievalError):
@@ -98,6 +116,7 @@ class StoreHeader:
     count: int = 0
     version: int = FORMAT_VERSION
     state: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] | None = None  # the last ``tune_recall``: knob, value, recall, ...
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,6 +196,7 @@ class VectorStore(ABC):
     name: ClassVar[str]
     index_kinds: ClassVar[tuple[str, ...]]
     default_params: ClassVar[dict[str, dict[str, Any]]] = {}
+    knobs: ClassVar[dict[str, str]] = {}  # index kind -> its search-time recall parameter
 
     def __init__(self, path: Path, header: StoreHeader) -> None:
         self.path = path
@@ -303,7 +323,190 @@ class VectorStore(ABC):
             return
         with self._write_lock():
             self._check_new_ids(str_ids)
-            self._add(str_ids, vecs, meta)
+            self._write(str_ids, vecs, meta, [])
+            self._maybe_compact()
+
+    def update(
+        self,
+        ids: Sequence[str | int],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        """Replace the vectors (and metadata) of stored ids; an unknown id changes nothing."""
+        str_ids, vecs, meta = self._checked_rows(ids, vectors, metadata)
+        if not str_ids:
+            return
+        with self._write_lock():
+            self._check_known(str_ids, "update")
+            self._write(str_ids, vecs, meta, str_ids)
+            self._maybe_compact()
+
+    def upsert(
+        self,
+        ids: Sequence[str | int],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> tuple[int, int]:
+        """Replace the stored ids among ``ids`` and add the others, in one commit.
+
+        Returns ``(updated, added)``."""
+        str_ids, vecs, meta = self._checked_rows(ids, vectors, metadata)
+        if not str_ids:
+            return 0, 0
+        with self._write_lock():
+            replaced = self._contains_any(str_ids)
+            self._write(str_ids, vecs, meta, replaced)
+            self._maybe_compact()
+        return len(replaced), len(str_ids) - len(replaced)
+
+    def delete(self, ids: Sequence[str | int]) -> int:
+        """Remove stored ids (all of them or, if one is unknown, none); returns how many."""
+        str_ids = self._check_ids(ids)
+        if not str_ids:
+            return 0
+        with self._write_lock():
+            self._check_known(str_ids, "delete")
+            self._delete(str_ids)
+            self._maybe_compact()
+        return len(str_ids)
+
+    def compact(self) -> None:
+        """Drop tombstones now (rebuilding the index where the backend needs it)."""
+        with self._write_lock():
+            if self.tombstones:
+                self._compact()
+
+    @property
+    def tombstones(self) -> int:
+        """Rows deleted or replaced but still in the index (hidden from every search)."""
+        return 0
+
+    def _checked_rows(
+        self,
+        ids: Sequence[str | int],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, Any] | None] | None,
+    ) -> tuple[list[str], np.ndarray, list[dict[str, Any] | None]]:
+        str_ids = self._check_ids(ids)
+        vecs = self._prepare(vectors, what="vectors")
+        if len(str_ids) != len(vecs):
+            raise RetrievalError(f"{len(str_ids)} ids for {len(vecs)} vectors")
+        return str_ids, vecs, self._check_metadata(metadata, len(vecs))
+
+    def _check_known(self, ids: list[str], action: str) -> None:
+        known = set(self._contains_any(ids))
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise UnknownIdError(
+                f"cannot {action} id {unknown[0]!r}{more}: not in store {self.path}; "
+                "nothing was changed",
+                hint="check the ids (`mmcompose search --json` prints stored ids)",
+            )
+
+    def _maybe_compact(self) -> None:
+        slots = len(self) + self.tombstones
+        if self.tombstones and self.tombstones > COMPACT_RATIO * slots:
+            self._compact()
+
+    # ------------------------------------------------------------------ recall tuning
+
+    def tune_recall(
+        self,
+        target: float,
+        *,
+        k: int = 10,
+        sample: int = 1000,
+        seed: int = 0,
+        vectors: np.ndarray | None = None,
+        ids: Sequence[str | int] | None = None,
+        queries: np.ndarray | None = None,
+        record: bool = True,
+    ) -> Any:
+        """Pick the smallest search knob (HNSW efSearch, IVF nprobe) whose recall@k on a
+        sample of queries reaches ``target``, against exact search; record it in the header
+        (later searches use it) unless ``record=False``.
+
+        ``queries``: vectors never stored (best: see :func:`tuning.write_tuned`); without
+        them, stored vectors are the queries (optimistic for HNSW). ``vectors``/``ids``: the
+        stored rows, if the caller still has them (an IVF-PQ store keeps only compressed
+        codes, so it needs them). Returns a ``TuneReport``."""
+        from mmcompose.retrieval import tuning
+
+        tuning.check_target(target)
+        if not isinstance(k, int) or k <= 0:
+            raise RetrievalError(f"k must be a positive integer, got {k!r}")
+        param = self.knobs.get(self.header.index)
+        if param is None:
+            raise RetrievalError(
+                f"a {self.header.index!r} index of backend {self.name!r} has no recall knob "
+                "to tune" + (" (flat search is exact)" if self.header.index == "flat" else ""),
+                hint="tune an approximate index: hnsw or ivfpq",
+            )
+        if vectors is None:
+            live_ids, corpus = self._live_vectors()
+        else:
+            if ids is None:
+                raise RetrievalError("tune_recall(vectors=...) needs the ids of those vectors")
+            live_ids = self._check_ids(ids)
+            corpus = self._prepare(vectors, what="vectors")
+            if len(live_ids) != len(corpus) or len(corpus) != len(self):
+                raise RetrievalError(
+                    f"tune_recall got {len(corpus)} vectors / {len(live_ids)} ids for a store "
+                    f"of {len(self)}; pass all stored rows"
+                )
+        lo, hi = self._knob_range(k)
+        if queries is not None:
+            queries = self._prepare(queries, what="queries")
+        try:
+            report = tuning.tune(
+                lambda q, kk, v: self._knob_search(q, kk, v),
+                live_ids,
+                corpus,
+                self.header.metric,
+                param,
+                target,
+                lo,
+                hi,
+                k=k,
+                sample=sample,
+                seed=seed,
+                queries=queries,
+            )
+        finally:
+            self._set_knob(None)
+        if record:
+            with self._write_lock():
+                params = {**self.header.index_params, param: report.value}
+                self.header = StoreHeader(
+                    **{
+                        **self.header.to_json(),
+                        "index_params": params,
+                        "tuning": report.record(),
+                        "version": FORMAT_VERSION,
+                    }
+                )
+                self.header.write(self.path)
+            self._set_knob(None)
+        return report
+
+    def _knob_search(self, queries: np.ndarray, k: int, value: int) -> np.ndarray:
+        self._set_knob(value)
+        return self._search(queries, k).ids
+
+    def _knob_range(self, k: int) -> tuple[int, int]:
+        """The values the tuner may try: efSearch from k+1, nprobe from 1 to the lists."""
+        raise RetrievalError(f"backend {self.name!r} cannot tune {self.header.index!r}")
+
+    def _set_knob(self, value: int | None) -> None:  # noqa: B027 - optional hook
+        """Search with ``value`` for the tuned knob this session (None: the header's)."""
+
+    def _live_vectors(self) -> tuple[list[str], np.ndarray]:
+        """Every live (id, vector), as the exact reference for tuning."""
+        raise RetrievalError(
+            f"store {self.path} cannot return its vectors",
+            hint="pass the stored vectors: store.tune_recall(target, vectors=V, ids=IDS)",
+        )
 
     def search(self, queries: np.ndarray, k: int = 10) -> SearchResult:
         """The ``k`` best stored vectors for each query row (a 1-D query is one row)."""
@@ -330,7 +533,7 @@ class VectorStore(ABC):
         if model_id is None or self.header.model_id is None:
             return
         if model_id != self.header.model_id:
-            raise StoreMismatchError(
+            raise ConnectorMismatchError(
                 f"store {self.path} holds vectors of model {self.header.model_id!r}, "
                 f"but the query comes from model {model_id!r}",
                 hint="index the gallery again with this model, or query with the store's model",
@@ -357,8 +560,18 @@ class VectorStore(ABC):
         """Open the data and raise CorruptStoreError if it disagrees with the header."""
 
     @abstractmethod
-    def _add(self, ids: list[str], vectors: np.ndarray, metadata: list[Any]) -> None:
-        """Append atomically, then update and rewrite the header (the commit point)."""
+    def _write(
+        self, ids: list[str], vectors: np.ndarray, metadata: list[Any], replaced: list[str]
+    ) -> None:
+        """Store the rows atomically; the stored ``replaced`` ids (a subset of ``ids``) lose
+        their old rows in the same commit (the header replace is the commit point)."""
+
+    @abstractmethod
+    def _delete(self, ids: list[str]) -> None:
+        """Remove stored ids atomically (all known, checked by the caller)."""
+
+    def _compact(self) -> None:  # noqa: B027 - optional hook
+        """Drop tombstones (backends that keep them)."""
 
     @abstractmethod
     def _search(self, queries: np.ndarray, k: int) -> SearchResult:
@@ -366,7 +579,7 @@ class VectorStore(ABC):
 
     @abstractmethod
     def _contains_any(self, ids: list[str]) -> list[str]:
-        """The subset of ``ids`` already stored."""
+        """The subset of ``ids`` stored (live), in the order of ``ids``."""
 
     def _check_searchable(self) -> None:  # noqa: B027 - optional hook
         """Raise if the index cannot be searched at all (e.g. untrained)."""
@@ -432,14 +645,16 @@ class VectorStore(ABC):
         with exclusive(self.path / HEADER_NAME, wait=True, what="vector store"):
             # another process may have committed since we opened: reread the header
             fresh = StoreHeader.read(self.path)
-            if fresh.count != self.header.count or fresh.state != self.header.state:
+            if fresh != self.header:
                 self.header = fresh
                 self._load(verify=False)
             yield
 
     def _commit_header(self, count: int, state: dict[str, Any]) -> None:
-        """Write the new header in one atomic replace: the point where an add takes effect."""
-        header = StoreHeader(**{**self.header.to_json(), "count": count, "state": state})
+        """Write the new header in one atomic replace: the point where a change takes effect."""
+        header = StoreHeader(
+            **{**self.header.to_json(), "count": count, "state": state, "version": FORMAT_VERSION}
+        )
         header.write(self.path)
         self.header = header
 

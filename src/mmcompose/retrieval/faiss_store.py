@@ -2,9 +2,9 @@
 
 Layout of a store folder::
 
-    store.json              header; ``state.generation`` names the committed data files
+    store.json              header; ``state.files`` names the committed data files
     index.<gen>.faiss       the FAISS index (row position = insertion order)
-    rows.<gen>.json         {"ids": [...], "metadata": [...] | null}, same order
+    rows.<gen>.json         {"ids": [...], "metadata": [...] | null, "deleted": [positions]}
 
 Atomic add (write-ahead copy): the grown index and id map are written in full to the files of
 generation ``gen + 1`` and fsynced; then the header is replaced atomically to name ``gen + 1``
@@ -13,6 +13,15 @@ replace leaves the header naming the untouched ``gen`` files, so nothing stored 
 lost; leftover files of a generation the header does not name are removed by the next add.
 The header records each file's size and SHA-256, so a truncated, swapped or damaged data file
 is named on open (sizes, counts, FAISS parse errors always; hashes with ``verify=True``).
+
+Deletes and updates (FAISS HNSW has no real delete): a deleted row's position goes into the
+``deleted`` list (a tombstone) and every search skips it through a FAISS ID selector; an
+update tombstones the old row and appends the new one under the same id. A delete rewrites
+only the rows file (the index file of the previous generation stays named in the header).
+Compaction (:meth:`VectorStore.compact`, or automatic past
+:data:`~mmcompose.retrieval.base.COMPACT_RATIO` tombstones) rebuilds the index from the live
+rows: Flat and HNSW from their exact stored vectors (an HNSW rebuild costs a build), IVF-PQ by
+copying the live codes into the same trained quantiser (no re-encoding, same scores).
 """
 
 from __future__ import annotations
@@ -87,6 +96,7 @@ class FaissStore(VectorStore):
 
     name = "faiss"
     index_kinds = ("flat", "hnsw", "ivfpq")
+    knobs = {"hnsw": "ef_search", "ivfpq": "nprobe"}  # noqa: RUF012 - read-only class constant
     default_params = {  # noqa: RUF012 - read-only class constant
         "flat": {},
         "hnsw": {"M": 32, "ef_construction": 200, "ef_search": 64},
@@ -110,7 +120,7 @@ class FaissStore(VectorStore):
         if header.index == "ivfpq":
             _resolve_pq(header)
         index = _build_index(header)
-        return _write_generation(tmp, 0, index, [], None)
+        return _write_generation(tmp, 0, index, [], None, [])
 
     def _load(self, *, verify: bool) -> None:
         state = self.header.state
@@ -120,10 +130,9 @@ class FaissStore(VectorStore):
         for rec in files.values():
             self._check_file(rec, verify)
         self.index = self._read_index(self.path / files["index"]["name"])
-        self.ids, self.metadata = self._read_rows(self.path / files["rows"]["name"])
-        self._id_set = set(self.ids)
+        self.ids, self.metadata, self.deleted = self._read_rows(self.path / files["rows"]["name"])
         counts = {
-            "header": self.header.count,
+            "header (live + deleted)": self.header.count + len(self.deleted),
             "index": int(self.index.ntotal),
             "id map": len(self.ids),
         }
@@ -131,9 +140,35 @@ class FaissStore(VectorStore):
             self.metadata is not None and len(self.metadata) != len(self.ids)
         ):
             raise self._corrupt(f"row counts disagree: {counts}")
+        if self.deleted and (
+            self.deleted[0] < 0
+            or self.deleted[-1] >= len(self.ids)
+            or len(set(self.deleted)) != len(self.deleted)
+        ):
+            raise self._corrupt("the deleted-row list names rows the index does not hold")
         if self.index.d != self.header.dim:
             raise self._corrupt(f"index dimension {self.index.d} != header {self.header.dim}")
+        self._index_positions()
         self.tune()
+
+    def _index_positions(self) -> None:
+        """``_pos``: live id -> row position (an id's live row is its latest: updates append),
+        and the ID selector that hides the deleted rows from searches."""
+        self._pos = dict(zip(self.ids, range(len(self.ids)), strict=True))
+        for p in self.deleted:
+            if self._pos.get(self.ids[p]) == p:
+                del self._pos[self.ids[p]]
+        if self.deleted:
+            live = np.ones(len(self.ids), dtype=bool)
+            live[self.deleted] = False
+            self._bitmap = np.packbits(live, bitorder="little")  # the selector reads this
+            self._selector: Any = faiss.IDSelectorBitmap(len(live), faiss.swig_ptr(self._bitmap))
+        else:
+            self._bitmap, self._selector = None, None
+
+    @property
+    def tombstones(self) -> int:
+        return len(self.deleted)
 
     def _corrupt(self, what: str) -> CorruptStoreError:
         return CorruptStoreError(
@@ -163,25 +198,52 @@ class FaissStore(VectorStore):
             first = str(exc).splitlines()[0]
             raise self._corrupt(f"FAISS cannot read {path.name} ({first})") from None
 
-    def _read_rows(self, path: Path) -> tuple[list[str], list[Any] | None]:
+    def _read_rows(self, path: Path) -> tuple[list[str], list[Any] | None, list[int]]:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            ids, meta = raw["ids"], raw["metadata"]
+            ids, meta, deleted = raw["ids"], raw["metadata"], raw.get("deleted", [])
             if not isinstance(ids, list) or not (meta is None or isinstance(meta, list)):
                 raise TypeError("wrong types")
+            if not isinstance(deleted, list) or not all(type(p) is int for p in deleted):
+                raise TypeError("deleted rows are not a list of positions")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise self._corrupt(f"id map {path.name} is unreadable ({exc})") from None
-        return ids, meta
+        return ids, meta, sorted(deleted)
 
     # ------------------------------------------------------------------ search tuning
 
     def tune(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
-        """Set the search-time knobs for this session (default: the header's values)."""
+        """Set the search-time knobs for this session (default: the header's values, which
+        :meth:`tune_recall` records)."""
         params = self.header.index_params
         if self.header.index == "hnsw":
             self.index.hnsw.efSearch = int(ef_search or params["ef_search"])
         elif self.header.index == "ivfpq":
             faiss.extract_index_ivf(self.index).nprobe = int(nprobe or params["nprobe"])
+
+    def _set_knob(self, value: int | None) -> None:
+        self.tune(**({self.knobs[self.header.index]: value} if value else {}))
+
+    def _knob_range(self, k: int) -> tuple[int, int]:
+        if self.header.index == "hnsw":
+            return k + 1, max(k + 1, min(4096, len(self)))
+        return 1, int(self.header.index_params["nlist"])
+
+    def _live_vectors(self) -> tuple[list[str], np.ndarray]:
+        if self.header.index == "ivfpq":
+            raise RetrievalError(
+                f"the IVF-PQ store {self.path} keeps only compressed codes, not the vectors "
+                "that exact search needs",
+                hint="pass the stored vectors: store.tune_recall(target, vectors=V, ids=IDS)",
+            )
+        live = self._live_positions()
+        vecs = self.index.reconstruct_n(0, int(self.index.ntotal))[live]
+        return [self.ids[p] for p in live], vecs
+
+    def _live_positions(self) -> np.ndarray:
+        live = np.ones(len(self.ids), dtype=bool)
+        live[self.deleted] = False
+        return np.flatnonzero(live)
 
     @property
     def is_trained(self) -> bool:
@@ -194,7 +256,7 @@ class FaissStore(VectorStore):
             if self.index.is_trained:
                 raise RetrievalError(f"the index of store {self.path} is already trained")
             self._train(vecs)
-            self._commit(self.index, self.ids, self.metadata)
+            self._commit(self.index, self.ids, self.metadata, self.deleted)
 
     def _train(self, vecs: np.ndarray) -> None:
         p = self.header.index_params
@@ -214,39 +276,76 @@ class FaissStore(VectorStore):
     # ------------------------------------------------------------------ add / search
 
     def _contains_any(self, ids: list[str]) -> list[str]:
-        return [i for i in ids if i in self._id_set]
+        return [i for i in ids if i in self._pos]
 
-    def _add(self, ids: list[str], vectors: np.ndarray, metadata: list[Any]) -> None:
+    def _write(
+        self, ids: list[str], vectors: np.ndarray, metadata: list[Any], replaced: list[str]
+    ) -> None:
         try:
             if not self.index.is_trained:
                 self._train(vectors)
+            old_rows = [self._pos[i] for i in replaced]
             self.index.add(vectors)
             new_ids = self.ids + ids
             new_meta = _merge_meta(self.metadata, metadata, len(self.ids))
-            self._commit(self.index, new_ids, new_meta)
+            self._commit(self.index, new_ids, new_meta, sorted(self.deleted + old_rows))
         except BaseException:
             self._load(verify=False)  # the in-memory index may hold the failed rows: reload
             raise
 
-    def _commit(self, index: Any, ids: list[str], metadata: list[Any] | None) -> None:
-        """Write generation ``gen + 1``, switch the header to it, then drop the old files."""
+    def _delete(self, ids: list[str]) -> None:
+        rows = [self._pos[i] for i in ids]
+        try:
+            self._commit(None, self.ids, self.metadata, sorted(self.deleted + rows))
+        except BaseException:
+            self._load(verify=False)
+            raise
+
+    def _compact(self) -> None:
+        live = self._live_positions()
+        try:
+            if self.header.index == "ivfpq":
+                index = _compact_ivf(self.index, live, len(self.ids))
+            else:
+                vecs = self.index.reconstruct_n(0, int(self.index.ntotal))[live]
+                index = _build_index(self.header)
+                index.add(vecs)
+            ids = [self.ids[p] for p in live]
+            meta = None if self.metadata is None else [self.metadata[p] for p in live]
+            self._commit(index, ids, meta, [])
+        except BaseException:
+            self._load(verify=False)
+            raise
+        self.tune()
+
+    def _commit(
+        self, index: Any | None, ids: list[str], metadata: list[Any] | None, deleted: list[int]
+    ) -> None:
+        """Write generation ``gen + 1`` (the index file only if ``index`` is given, else the
+        current one stays named), switch the header to it, then drop the old files."""
         gen = int(self.header.state["generation"])
         old = self.header.state["files"]
-        self._remove_stale(keep=gen)
-        state = _write_generation(self.path, gen + 1, index, ids, metadata)
+        self._remove_stale()
+        state = _write_generation(self.path, gen + 1, index, ids, metadata, deleted)
+        if index is None:
+            state["files"]["index"] = old["index"]
         _after_step("data_written")
-        self._commit_header(len(ids), state)
+        self._commit_header(len(ids) - len(deleted), state)
         _after_step("header_committed")
+        named = {rec["name"] for rec in state["files"].values()}
         for rec in old.values():
-            (self.path / rec["name"]).unlink(missing_ok=True)
-        self.ids, self.metadata = ids, metadata
-        self._id_set.update(ids[len(self._id_set) :])
+            if rec["name"] not in named:
+                (self.path / rec["name"]).unlink(missing_ok=True)
+        if index is not None:
+            self.index = index
+        self.ids, self.metadata, self.deleted = ids, metadata, deleted
+        self._index_positions()
 
-    def _remove_stale(self, keep: int) -> None:
-        """Delete data files of generations the header does not name (an earlier crash)."""
+    def _remove_stale(self) -> None:
+        """Delete data files the header does not name (left by an earlier crash)."""
+        named = {rec["name"] for rec in self.header.state["files"].values()}
         for p in self.path.iterdir():
-            m = _GEN_FILE.match(p.name)
-            if m and int(m.group(2)) != keep:
+            if _GEN_FILE.match(p.name) and p.name not in named:
                 p.unlink(missing_ok=True)
 
     def _check_searchable(self) -> None:
@@ -258,8 +357,24 @@ class FaissStore(VectorStore):
 
     def _search(self, queries: np.ndarray, k: int) -> SearchResult:
         self._check_searchable()
-        scores, positions = self.index.search(queries, k)
+        if self._selector is None:
+            scores, positions = self.index.search(queries, k)
+        else:
+            scores, positions = self.index.search(queries, k, params=self._search_params())
         return result_from_positions(positions, scores, self.ids, self.metadata)
+
+    def _search_params(self) -> Any:
+        """Search parameters that skip the tombstones and keep this session's knob."""
+        if self.header.index == "hnsw":
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = int(self.index.hnsw.efSearch)
+        elif self.header.index == "ivfpq":
+            params = faiss.SearchParametersIVF()
+            params.nprobe = int(faiss.extract_index_ivf(self.index).nprobe)
+        else:
+            params = faiss.SearchParameters()
+        params.sel = self._selector
+        return params
 
 
 def _resolve_pq(header: StoreHeader) -> None:
@@ -286,20 +401,50 @@ def _build_index(header: StoreHeader) -> Any:
     return faiss.index_factory(header.dim, spec, metric)
 
 
+def _compact_ivf(index: Any, live: np.ndarray, slots: int) -> Any:
+    """A copy of a trained IVF index holding only the ``live`` rows, renumbered in order:
+    the same quantiser and the same codes, so every remaining row scores as before."""
+    new_pos = np.full(slots, -1, dtype=np.int64)
+    new_pos[live] = np.arange(len(live))
+    out = faiss.clone_index(index)
+    out.reset()
+    src, dst = faiss.extract_index_ivf(index).invlists, faiss.extract_index_ivf(out).invlists
+    size = src.code_size
+    for lst in range(src.nlist):
+        n = src.list_size(lst)
+        if not n:
+            continue
+        rows = faiss.rev_swig_ptr(src.get_ids(lst), n).copy()
+        codes = faiss.rev_swig_ptr(src.get_codes(lst), n * size).copy().reshape(n, size)
+        keep = new_pos[rows] >= 0
+        if keep.any():
+            ids, kept = new_pos[rows[keep]], np.ascontiguousarray(codes[keep])
+            dst.add_entries(lst, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(kept))
+    out.ntotal = len(live)
+    return out
+
+
 def _write_generation(
-    folder: Path, gen: int, index: Any, ids: list[str], metadata: list[Any] | None
+    folder: Path,
+    gen: int,
+    index: Any | None,
+    ids: list[str],
+    metadata: list[Any] | None,
+    deleted: list[int],
 ) -> dict[str, Any]:
-    """Write and fsync one generation's files; return the header state naming them."""
-    index_path = folder / f"index.{gen}.faiss"
+    """Write and fsync one generation's files (the index only if given); return the header
+    state naming them."""
+    files: dict[str, Any] = {}
+    if index is not None:
+        index_path = folder / f"index.{gen}.faiss"
+        faiss.write_index(index, str(index_path))
+        _after_step("index_written")
+        files["index"] = _file_record(index_path)
     rows_path = folder / f"rows.{gen}.json"
-    faiss.write_index(index, str(index_path))
-    _after_step("index_written")
     with open(rows_path, "w", encoding="utf-8") as fh:
-        json.dump({"ids": ids, "metadata": metadata}, fh, ensure_ascii=False)
-    return {
-        "generation": gen,
-        "files": {"index": _file_record(index_path), "rows": _file_record(rows_path)},
-    }
+        json.dump({"ids": ids, "metadata": metadata, "deleted": deleted}, fh, ensure_ascii=False)
+    files["rows"] = _file_record(rows_path)
+    return {"generation": gen, "files": files}
 
 
 def _merge_meta(old: list[Any] | None, new: list[Any], n_old: int) -> list[Any] | None:

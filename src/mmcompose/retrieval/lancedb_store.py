@@ -10,9 +10,15 @@ committed ``table_version``: readers check that version out, so a Lance commit w
 update never happened (a crash between the two) is invisible, and the next add restores the
 pinned version before appending.
 
+Deletes and updates are Lance's own: a delete writes deletion files and commits a version, an
+update or upsert is one ``merge_insert`` on ``id`` (old rows deleted and new ones written in
+one commit), so both are atomic the same way as an add; a delete of many ids may take several
+Lance commits, of which readers see none until the header names the last.
+
 Indexes: ``flat`` (exact scan), ``ivf_pq`` and ``hnsw`` (Lance IVF_HNSW_SQ). An ANN index is
 built once the table reaches ``min_rows`` rows; rows added later are scanned exactly until
-:meth:`LanceDBStore.reindex`.
+:meth:`LanceDBStore.reindex`. ``nprobes`` (IVF-PQ) and ``ef_search`` (HNSW; None = Lance's
+default) are the knobs :meth:`~mmcompose.retrieval.base.VectorStore.tune_recall` sets.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ __all__ = ["LanceDBStore"]
 TABLE = "vectors"
 _INDEX_TYPES = {"ivf_pq": "IVF_PQ", "hnsw": "IVF_HNSW_SQ"}
 _BATCH = 65536
+_DELETE_CHUNK = 1000  # ids per Lance delete predicate
 
 
 def _after_step(step: str) -> None:
@@ -61,6 +68,7 @@ class LanceDBStore(VectorStore):
 
     name = "lancedb"
     index_kinds = ("flat", "ivf_pq", "hnsw")
+    knobs = {"ivf_pq": "nprobes", "hnsw": "ef_search"}  # noqa: RUF012 - read-only constant
     default_params = {  # noqa: RUF012 - read-only class constant
         "flat": {},
         "ivf_pq": {
@@ -69,7 +77,13 @@ class LanceDBStore(VectorStore):
             "nprobes": 20,
             "min_rows": 10000,
         },
-        "hnsw": {"num_partitions": 1, "m": 20, "ef_construction": 300, "min_rows": 10000},
+        "hnsw": {
+            "num_partitions": 1,
+            "m": 20,
+            "ef_construction": 300,
+            "ef_search": None,
+            "min_rows": 10000,
+        },
     }
 
     @classmethod
@@ -131,19 +145,56 @@ class LanceDBStore(VectorStore):
     def _contains_any(self, ids: list[str]) -> list[str]:
         return [i for i in ids if i in self._id_set]
 
-    def _add(self, ids: list[str], vectors: np.ndarray, metadata: list[Any]) -> None:
+    def _writable_table(self) -> Any:
         table = lancedb.connect(self.path / "lance").open_table(TABLE)
         committed = int(self.header.state["table_version"])
         if table.version != committed:
             table.restore(committed)  # drop a commit left by a crash before its header update
-        table.add(self._batches(ids, vectors, metadata))
+        return table
+
+    def _write(
+        self, ids: list[str], vectors: np.ndarray, metadata: list[Any], replaced: list[str]
+    ) -> None:
+        table = self._writable_table()
+        batches = self._batches(ids, vectors, metadata)
+        if replaced:  # old rows deleted and new ones written in one Lance commit
+            merge = table.merge_insert("id").when_matched_update_all()
+            merge.when_not_matched_insert_all().execute(batches)
+        else:
+            table.add(batches)
         _after_step("data_written")
         state = {**self.header.state, "table_version": int(table.version)}
-        self._commit_header(self.header.count + len(ids), state)
+        self._commit_header(self.header.count + len(ids) - len(replaced), state)
         self.table = table
         self._id_set.update(ids)
         _after_step("header_committed")
         self._maybe_index()
+
+    def _delete(self, ids: list[str]) -> None:
+        table = self._writable_table()
+        for start in range(0, len(ids), _DELETE_CHUNK):
+            quoted = ", ".join(_sql_string(i) for i in ids[start : start + _DELETE_CHUNK])
+            table.delete(f"id IN ({quoted})")
+            _after_step("delete_written")
+        state = {**self.header.state, "table_version": int(table.version)}
+        self._commit_header(self.header.count - len(ids), state)
+        self.table = table
+        self._id_set.difference_update(ids)
+
+    # ------------------------------------------------------------------ tuning
+
+    def _knob_range(self, k: int) -> tuple[int, int]:
+        if self.header.index == "hnsw":
+            return k + 1, max(k + 1, min(4096, len(self)))
+        return 1, int(self.header.index_params["num_partitions"])
+
+    def _set_knob(self, value: int | None) -> None:
+        self._knob = value
+
+    def _live_vectors(self) -> tuple[list[str], np.ndarray]:
+        data = self.table.to_arrow().select(["id", "vector"])
+        flat = data.column("vector").combine_chunks().flatten().to_numpy()
+        return data.column("id").to_pylist(), flat.reshape(len(data), self.header.dim)
 
     def _batches(self, ids: list[str], vectors: np.ndarray, metadata: list[Any]) -> Any:
         """A lazy Arrow stream, so a large add never holds a second full copy in memory."""
@@ -222,12 +273,22 @@ class LanceDBStore(VectorStore):
             .select(["id", "meta", "_distance"])
             .limit(k)
         )
+        knob = getattr(self, "_knob", None) or self.header.index_params.get(
+            self.knobs.get(self.header.index, ""), None
+        )
         if self.header.index == "ivf_pq":
-            builder = builder.nprobes(int(self.header.index_params["nprobes"]))
+            builder = builder.nprobes(int(knob))
+        elif self.header.index == "hnsw" and knob:
+            builder = builder.ef(int(knob))
         try:
             return builder.to_arrow()
         except (OSError, RuntimeError, ValueError) as exc:
             raise self._corrupt(f"search failed reading the table ({_first_line(exc)})") from None
+
+
+def _sql_string(value: str) -> str:
+    """A SQL string literal (Lance's predicates): quotes doubled."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _dump(meta: dict[str, Any] | None) -> str | None:

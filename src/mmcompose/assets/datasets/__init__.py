@@ -53,6 +53,7 @@ from mmcompose.assets.datasets.splits import (
 from mmcompose.assets.datasets import emoji, openclipart, photos  # noqa: F401
 from mmcompose.assets.datasets import spoken, sounds, meshes, clips  # noqa: F401
 from mmcompose.assets.datasets import mesh_renders  # noqa: F401
+from mmcompose.assets.datasets import captions  # noqa: F401
 
 # isort: on
 
