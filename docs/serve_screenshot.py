@@ -30,7 +30,11 @@ from mmcompose.serve.browser import (
 )
 from mmcompose.serve.checks import free_port
 
-QUESTION = "What do these inputs have in common? Answer with one word."
+# MCUB's question form, which the quickstart's models are evaluated on
+QUESTION = (
+    "Which attribute do these inputs have in common?\nA. horse\nB. cow\nC. pig\nD. bear\n"
+    "Answer with the option's letter from the given choices directly."
+)
 CONCEPT = "cow"
 SOURCES = {"image": "emoji", "audio": "spoken", "video": "mesh_clips", "point": "meshes"}
 
@@ -74,6 +78,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--question", default=QUESTION)
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -104,7 +109,7 @@ def main() -> None:
             for m, path in media.items():
                 upload(page, m, path)
                 wait_for_upload(page, m, timeout_ms=300_000)
-            answer = ask(page, QUESTION, turn=1, timeout_ms=600_000)
+            answer = ask(page, args.question, turn=1, timeout_ms=600_000)
             print(f"answer: {answer!r}")
             page.wait_for_timeout(500)  # the last update painted
             with atomic_file(args.out) as t:

@@ -286,16 +286,20 @@ def browser():
 def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from mmcompose.serve.browser import running_server
 
+    """The server; stopped (SIGTERM) at the end, it must leave no uploads behind."""
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    tmp = tmp_path_factory.mktemp("serve-tmp")  # the server's TMPDIR: where uploads go
     with running_server(
         tiny_model_dir,
         free_port(),
         log,
         extra_args=("--max-new-tokens", str(MAX_NEW)),
-        extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": str(tmp)},
         timeout=600,  # seconds on an idle machine; a loaded shared one starves a niced start
     ) as url:
         yield url
+        assert list(tmp.glob("mmc-serve-*/*/image/photo.png"))  # the uploads were kept there
+    assert not list(tmp.glob("mmc-serve-*")), log.read_text()
 
 
 @pytest.fixture
@@ -339,6 +343,12 @@ def test_page_chat_with_every_modality(page, tiny_model_dir, media, tmp_path) ->
     page.screenshot(path=str(shot), full_page=True)
     with Image.open(shot) as im:
         assert im.size[0] == 1280 and im.size[1] >= 1000
+    # Send reads the question from the page: text the server has not been told about yet
+    # (socket events are handled concurrently: a click may overtake the keystrokes) is used
+    page.evaluate("document.querySelector('textarea[data-testid=question]').value = 'Quietly?'")
+    page.get_by_test_id("send").click()
+    page.locator('[data-testid="answer-2"].mmc-done').wait_for(timeout=120_000)
+    assert "<point>\nQuietly?\n" in page.get_by_test_id("prompt-2").inner_text()
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ import itertools
 import logging
 import re
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ class Demo:
     max_new_tokens: int = 128
     seed: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    upload_root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mmc-serve-")))
+    upload_root: Path | None = None  # where pages keep their uploads (serve() makes one)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", max_new_tokens: int = 128) -> Demo:
@@ -141,21 +142,44 @@ def serve(
     check_port(host, port)
     check_web_library()
     demo = Demo.load(model_dir, device, max_new_tokens)
-    from nicegui import app, ui
+    from nicegui import ui
 
-    app.on_shutdown(lambda: shutil.rmtree(demo.upload_root, ignore_errors=True))
-    print(f"mmcompose serve: {demo.model_dir} on http://{host}:{port}", flush=True)
-    ui.run(
-        root=lambda: build_page(demo),
-        host=host,
-        port=port,
-        title=f"mmcompose · {demo.model_dir.name}",
-        favicon="🧩",
-        reload=False,
-        show=False,
-        show_welcome_message=False,
-        uvicorn_logging_level="warning",
-    )
+    with (
+        _stop_on_sigterm(),
+        tempfile.TemporaryDirectory(prefix="mmc-serve-", ignore_cleanup_errors=True) as root,
+    ):
+        demo.upload_root = Path(root)  # removed with every upload when the server stops
+        print(f"mmcompose serve: {demo.model_dir} on http://{host}:{port}", flush=True)
+        ui.run(
+            root=lambda: build_page(demo),
+            host=host,
+            port=port,
+            title=f"mmcompose · {demo.model_dir.name}",
+            favicon="🧩",
+            reload=False,
+            show=False,
+            show_welcome_message=False,
+            uvicorn_logging_level="warning",
+        )
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """uvicorn shuts down gracefully on SIGTERM, then re-raises the signal, whose default
+    action ends the process before ``finally`` blocks (the uploads' folder) run; here it ends
+    it with SystemExit(0) instead, so they do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- the page
@@ -163,6 +187,8 @@ def build_page(demo: Demo) -> None:
     """One browser tab: the model card, an upload slot per tower, the chat."""
     from nicegui import ui
 
+    if demo.upload_root is None:
+        demo.upload_root = Path(tempfile.mkdtemp(prefix="mmc-serve-"))
     page = _Page(demo, Path(tempfile.mkdtemp(dir=demo.upload_root)))
     ui.query("body").classes("bg-grey-1")
     ui.add_css(".mmc-upload .q-uploader__list { min-height: 0; padding: 0 }")
@@ -289,6 +315,7 @@ class _Page:
         from nicegui import run
 
         name = _safe_name(e.file.name)
+        await self._typed_question()  # the placeholders go into what the page shows now
         path = self.folder / modality / name
         path.parent.mkdir(parents=True, exist_ok=True)
         for old in path.parent.iterdir():  # one file per slot
@@ -346,7 +373,8 @@ class _Page:
         self.uploaders[modality].reset()
         self.question.value = sync_placeholders(self.question.value or "", self.uploads)
 
-    def clear(self, modality: str) -> None:
+    async def clear(self, modality: str) -> None:
+        await self._typed_question()
         self._drop(modality)
         shutil.rmtree(self.folder / modality, ignore_errors=True)
 
@@ -455,13 +483,17 @@ class _Page:
         box's text is therefore read back from the page, and the server's copy updated."""
         from nicegui import ui
 
-        js = f"return document.querySelector('#c{self.question.id} textarea')?.value ?? null"
+        js = (  # Quasar gives the element's id to the native textarea itself
+            f"const e = document.getElementById('c{self.question.id}');"
+            "const t = e && (e.tagName === 'TEXTAREA' ? e : e.querySelector('textarea'));"
+            "return t ? t.value : null;"
+        )
         try:
             typed = await ui.run_javascript(js, timeout=10)
         except TimeoutError:  # a page that does not answer: the last text it sent
             typed = None
-        if isinstance(typed, str):
-            self.question.value = typed
+        if isinstance(typed, str) and typed != self.question.value:
+            self.question.value = typed  # (unchanged text is not sent back to the page)
         return self.question.value or ""
 
 
