@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +86,22 @@ def run(capsys: pytest.CaptureFixture[str]):
         return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
 
     return _run
+
+
+@pytest.fixture
+def close_stores(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Milvus Lite keeps a server per store folder until closed: close every store opened."""
+    import mmcompose.retrieval.base as base
+
+    opened: list[Any] = []
+    orig = base.VectorStore.open.__func__
+
+    def tracking_open(cls: Any, *a: Any, **kw: Any) -> Any:
+        store = orig(cls, *a, **kw)
+        opened.append(store)
+        return store
+
+    monkeypatch.setattr(base.VectorStore, "open", classmethod(tracking_open))
+    yield
+    for s in opened:
+        s.close()

@@ -75,22 +75,8 @@ def ids_of(n: int, start: int = 0) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _close_stores(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Milvus Lite keeps a server per store folder until closed: close every store we opened."""
-    import mmcompose.retrieval.base as base
-
-    opened: list[Any] = []
-    orig = base.VectorStore.open.__func__
-
-    def tracking_open(cls: Any, *a: Any, **kw: Any) -> Any:
-        store = orig(cls, *a, **kw)
-        opened.append(store)
-        return store
-
-    monkeypatch.setattr(base.VectorStore, "open", classmethod(tracking_open))
-    yield
-    for s in opened:
-        s.close()
+def _close_stores(close_stores: None) -> None:
+    """Every store a test opens is closed after it (conftest.close_stores)."""
 
 
 # ---------------------------------------------------------------- correctness

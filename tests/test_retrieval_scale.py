@@ -61,22 +61,8 @@ def top1(store: Any, q: np.ndarray) -> list[Any]:
 
 
 @pytest.fixture(autouse=True)
-def _close_stores(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Milvus Lite keeps a server per store folder until closed: close every store opened."""
-    import mmcompose.retrieval.base as base
-
-    opened: list[Any] = []
-    orig = base.VectorStore.open.__func__
-
-    def tracking_open(cls: Any, *a: Any, **kw: Any) -> Any:
-        store = orig(cls, *a, **kw)
-        opened.append(store)
-        return store
-
-    monkeypatch.setattr(base.VectorStore, "open", classmethod(tracking_open))
-    yield
-    for s in opened:
-        s.close()
+def _close_stores(close_stores: None) -> None:
+    """Every store a test opens is closed after it (conftest.close_stores)."""
 
 
 # ---------------------------------------------------------------- deletes and updates

@@ -209,35 +209,51 @@ def compose_fixed(sources: Sequence[Model], path: Path) -> None:
     compose(cfg, path, force=True, progress=False)
 
 
-def compose_searched(
-    job: Job, sources: Sequence[Model], val: tuple[Path, Path], label: str, path: Path
+def _compose_by_search(
+    job: Job,
+    sources: Sequence[Model],
+    label: str,
+    path: Path,
+    search: Any,
+    grid: Any,
+    score: str,
 ) -> None:
-    """Task arithmetic with the lambdas searched on ``val`` (DAMC on decoupled sources; the
-    NaiveMC-with-search ablation on shared ones)."""
+    """Task arithmetic over ``sources`` with the lambdas ``search`` picks (one coordinate
+    sweep per pass, log-likelihood scoring), logged with the best ``score``."""
     from mmcompose.compose.config import ComposeConfig
-    from mmcompose.compose.search import compose_with_search
 
     cfg = ComposeConfig.model_validate(
         {"merge_method": "task_arithmetic", "models": [{"model": str(s.path)} for s in sources]}
     )
-    b = job.budget
-    result, _ = compose_with_search(
+    result, _ = search(
         cfg,
         path,
-        *val,
         force=True,
         progress=job.progress,
-        grid=b.search_grid,
+        grid=grid,
         method="coordinate",
-        max_passes=b.search_passes,
+        max_passes=job.budget.search_passes,
         mode="loglikelihood",
     )
     weights = zip((s.modalities[0] for s in sources), result.best_weights, strict=True)
     job.log(
         f"  {label} lambdas "
         + ", ".join(f"{m}={w:g}" for m, w in weights)
-        + f" (val acc {result.best_accuracy:.3f})"
+        + f" ({score} {result.best_accuracy:.3f})"
     )
+
+
+def compose_searched(
+    job: Job, sources: Sequence[Model], val: tuple[Path, Path], label: str, path: Path
+) -> None:
+    """Task arithmetic with the lambdas searched on ``val`` (DAMC on decoupled sources; the
+    NaiveMC-with-search ablation on shared ones)."""
+    from mmcompose.compose.search import compose_with_search
+
+    def search(cfg: Any, out: Path, **kw: Any) -> Any:
+        return compose_with_search(cfg, out, *val, **kw)
+
+    _compose_by_search(job, sources, label, path, search, job.budget.search_grid, "val acc")
 
 
 def compose_method(row: str, sources: Sequence[Model], path: Path) -> None:
@@ -256,30 +272,13 @@ def compose_unlabelled(
 ) -> None:
     """Task arithmetic with the lambdas chosen without labels (AdaMMS's generation
     consistency) on the questions of ``val``; its answers file is never read."""
-    from mmcompose.compose.config import ComposeConfig
     from mmcompose.compose.search_unlabelled import compose_with_unlabelled_search
 
-    cfg = ComposeConfig.model_validate(
-        {"merge_method": "task_arithmetic", "models": [{"model": str(s.path)} for s in sources]}
-    )
-    b = job.budget
-    result, _ = compose_with_unlabelled_search(
-        cfg,
-        path,
-        val[0],
-        force=True,
-        progress=job.progress,
-        grid=b.unlabelled_grid,
-        method="coordinate",
-        max_passes=b.search_passes,
-        mode="loglikelihood",
-    )
-    weights = zip((s.modalities[0] for s in sources), result.best_weights, strict=True)
-    job.log(
-        f"  {label} lambdas "
-        + ", ".join(f"{m}={w:g}" for m, w in weights)
-        + f" (val consistency {result.best_accuracy:.3f})"
-    )
+    def search(cfg: Any, out: Path, **kw: Any) -> Any:
+        return compose_with_unlabelled_search(cfg, out, val[0], **kw)
+
+    grid = job.budget.unlabelled_grid
+    _compose_by_search(job, sources, label, path, search, grid, "val consistency")
 
 
 def load_model(path: Path) -> tuple[Any, Any]:

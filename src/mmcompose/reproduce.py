@@ -210,48 +210,25 @@ def run_reproduction(
 
 # ----------------------------------------------------------------------------- docs
 def read_run(run_dir: str | Path) -> dict:
-    from mmcompose.fs import read_json
+    from mmcompose.docs_section import read_results
     from mmcompose.paper_report import FORMAT
 
-    path = Path(run_dir) / "results.json"
-    doc = read_json(path)
-    if not isinstance(doc, dict) or doc.get("kind") != "mmcompose reproduce composition":
-        raise ConfigError(
-            f"{path} is not the results of a reproduction"
-            if path.is_file()
-            else f"{path} not found",
-            hint="give the folder `mmcompose reproduce composition -o DIR` wrote",
-        )
-    if doc.get("format") != FORMAT:
-        raise ConfigError(f"{path}: results format {doc.get('format')}, expected {FORMAT}",
-                          hint="run the reproduction again with this version")  # fmt: skip
-    return doc
-
-
-def _markers(text: str, where: str) -> tuple[int, int]:
-    """Where the markers are; each must appear exactly once, the begin marker first."""
-    counts = (text.count(MARK_BEGIN), text.count(MARK_END))
-    begin, end = text.find(MARK_BEGIN), text.find(MARK_END)
-    if counts != (1, 1) or end < begin:
-        raise ConfigError(
-            f"{where} needs the markers once each, in order (found {counts[0]} begin, "
-            f"{counts[1]} end)",
-            hint=f"put these two lines where the section goes:\n{MARK_BEGIN}\n{MARK_END}",
-        )
-    return begin, end
+    return read_results(run_dir, "mmcompose reproduce composition", FORMAT,
+                        "mmcompose reproduce composition")  # fmt: skip
 
 
 def replace_section(text: str, section: str, where: str = "the file") -> str:
     """``text`` with what lies between the markers replaced by ``section``; nothing else
     changes."""
-    begin, end = _markers(text, where)
-    head = text[: begin + len(MARK_BEGIN)]
-    return f"{head}\n{section.rstrip()}\n{text[end:]}"
+    from mmcompose.docs_section import replace_marked
+
+    return replace_marked(text, section, where, MARK_BEGIN, MARK_END)
 
 
 def render_docs(run_dir: str | Path, into: str | Path) -> Path:
     """Regenerate the marked section of ``into`` (docs/results.md) from the run's
     ``results.json``; written atomically, the rest of the file unchanged."""
+    from mmcompose.docs_section import find_markers
     from mmcompose.fs import atomic_file
     from mmcompose.paper_report import render_section
 
@@ -260,7 +237,7 @@ def render_docs(run_dir: str | Path, into: str | Path) -> Path:
     if not into.is_file():
         raise ConfigError(f"{into} not found", hint="give the markdown file to update")
     text = into.read_text(encoding="utf-8")
-    _markers(text, str(into))  # before rendering: a file without them fails first
+    find_markers(text, str(into), MARK_BEGIN, MARK_END)  # a file without them fails first
     try:
         section = render_section(doc)
     except (KeyError, TypeError, IndexError) as e:

@@ -358,22 +358,6 @@ class FeatureStore:
             ) from None
 
 
-def _write_shard(folder: Path, n: int, feats: ModalityFeatures) -> dict[str, str]:
-    names = {k: f"{k}-{n:05d}.npy" for k in ("tokens", "lengths", "pooled")}
-    for kind, array in (
-        ("tokens", feats.tokens),
-        ("lengths", feats.lengths),
-        ("pooled", feats.pooled),
-    ):
-        out = np.lib.format.open_memmap(
-            folder / names[kind], mode="w+", dtype=array.dtype, shape=array.shape
-        )
-        out[...] = array
-        out.flush()
-        del out
-    return names
-
-
 def build_feature_store(
     ref: EncoderRef,
     ids: Sequence[str],

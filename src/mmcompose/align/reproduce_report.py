@@ -310,47 +310,16 @@ def render_chart(doc: dict[str, Any], path: Path) -> None:
 
 # =========================================================================== docs
 def read_alignment_run(run_dir: str | Path) -> dict[str, Any]:
-    from mmcompose.fs import read_json
+    from mmcompose.docs_section import read_results
 
-    path = Path(run_dir) / "results.json"
-    doc = read_json(path)
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        raise ConfigError(
-            f"{path} is not the results of an alignment reproduction"
-            if path.is_file()
-            else f"{path} not found",
-            hint="give the folder `mmcompose reproduce alignment -o DIR` wrote",
-        )
-    if doc.get("format") != FORMAT:
-        raise ConfigError(f"{path}: results format {doc.get('format')}, expected {FORMAT}",
-                          hint="run the reproduction again with this version")  # fmt: skip
-    return doc
+    return read_results(run_dir, KIND, FORMAT, "mmcompose reproduce alignment")
 
 
-def _find_markers(text: str, where: str, begin: str, end: str) -> tuple[int, int]:
-    """Where the markers are; each must appear exactly once, the begin marker first."""
-    counts = (text.count(begin), text.count(end))
-    b, e = text.find(begin), text.find(end)
-    if counts != (1, 1) or e < b:
-        raise ConfigError(
-            f"{where} needs the markers once each, in order (found {counts[0]} begin, "
-            f"{counts[1]} end)",
-            hint=f"put these two lines where the section goes:\n{begin}\n{end}",
-        )
-    return b, e
+def replace_marked(text: str, section: str, where: str = "the file") -> str:
+    """``text`` with what lies between the alignment markers replaced by ``section``."""
+    from mmcompose.docs_section import replace_marked as replace
 
-
-def replace_marked(
-    text: str,
-    section: str,
-    where: str = "the file",
-    begin: str = ALIGN_MARK_BEGIN,
-    end: str = ALIGN_MARK_END,
-) -> str:
-    """``text`` with what lies between the markers replaced by ``section``; nothing else
-    changes."""
-    b, e = _find_markers(text, where, begin, end)
-    return f"{text[: b + len(begin)]}\n{section.rstrip()}\n{text[e:]}"
+    return replace(text, section, where, ALIGN_MARK_BEGIN, ALIGN_MARK_END)
 
 
 def render_alignment_docs(
@@ -359,6 +328,7 @@ def render_alignment_docs(
     """Regenerate the marked section of ``into`` (docs/results.md) and its chart (default
     ``<into's folder>/img/alignment-recall.png``) from the run's results.json; both written
     atomically, the rest of the file unchanged. Returns (markdown, chart) paths."""
+    from mmcompose.docs_section import find_markers
     from mmcompose.fs import atomic_file
 
     doc = read_alignment_run(run_dir)
@@ -366,7 +336,7 @@ def render_alignment_docs(
     if not into.is_file():
         raise ConfigError(f"{into} not found", hint="give the markdown file to update")
     text = into.read_text(encoding="utf-8")
-    _find_markers(text, str(into), ALIGN_MARK_BEGIN, ALIGN_MARK_END)  # before any work
+    find_markers(text, str(into), ALIGN_MARK_BEGIN, ALIGN_MARK_END)  # before any work
     chart_path = Path(chart) if chart is not None else into.parent / "img" / "alignment-recall.png"
     link = Path(os.path.relpath(chart_path, into.parent)).as_posix()
     try:

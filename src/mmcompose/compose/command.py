@@ -127,27 +127,7 @@ def run_compose(
     from mmcompose.compose.config import load_compose_config
 
     cfg = load_compose_config(config)  # its schema needs only torch, not the model code
-    if search_unlabelled is not None:
-        from mmcompose.compose.search_loop import MAX_PASSES
-        from mmcompose.compose.search_unlabelled import (
-            UNLABELLED_GRID,
-            compose_with_unlabelled_search,
-        )
-
-        found, composed = compose_with_unlabelled_search(
-            cfg,
-            out_dir,
-            search_unlabelled,
-            force=force,
-            device=device,
-            allow_nonfinite=allow_nonfinite,
-            grid=UNLABELLED_GRID if grid is None else grid,
-            method=search_method,
-            mode=search_mode,
-            max_passes=MAX_PASSES if search_passes is None else search_passes,
-        )
-        return SearchedComposition(found, composed)
-    if search is None:
+    if search is None and search_unlabelled is None:
         from mmcompose.compose.executor import compose
 
         return compose(
@@ -160,15 +140,27 @@ def run_compose(
         )
     from mmcompose.compose.search import DEFAULT_GRID, MAX_PASSES, compose_with_search
 
-    found, composed = compose_with_search(
+    if search_unlabelled is not None:
+        from mmcompose.compose.search_unlabelled import (
+            UNLABELLED_GRID,
+            compose_with_unlabelled_search,
+        )
+
+        run, inputs, default_grid = (
+            compose_with_unlabelled_search,
+            (search_unlabelled,),
+            UNLABELLED_GRID,
+        )
+    else:
+        run, inputs, default_grid = compose_with_search, (search, search_answers), DEFAULT_GRID
+    found, composed = run(
         cfg,
         out_dir,
-        search,
-        search_answers,
+        *inputs,
         force=force,
         device=device,
         allow_nonfinite=allow_nonfinite,
-        grid=DEFAULT_GRID if grid is None else grid,
+        grid=default_grid if grid is None else grid,
         method=search_method,
         mode=search_mode,
         max_passes=MAX_PASSES if search_passes is None else search_passes,

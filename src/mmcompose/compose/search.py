@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -72,14 +73,18 @@ __all__ = [
     "Scorer",
     "SearchResult",
     "Weights",
+    "candidates_in_memory",
     "check_grid_size",
     "check_searchable",
+    "checked_options",
     "compose_with_search",
     "mcub_scorer",
     "parse_grid",
     "plot_search",
     "run_search",
     "search_coefficients",
+    "search_then_compose",
+    "source_names",
     "start_weights",
     "with_weights",
     "write_search_report",
@@ -139,6 +144,70 @@ def mcub_scorer(
 # ---------------------------------------------------------------- the API
 
 
+def checked_options(
+    config: ComposeConfig | str | Path,
+    grid: str | Iterable[float],
+    method: str,
+    mode: str,
+    modes: Iterable[str],
+    max_passes: int,
+) -> tuple[ComposeConfig, tuple[float, ...], int]:
+    """(config, grid, number of sources) once every search option is checked; shared by the
+    labelled and the label-free search, so both refuse the same things the same way."""
+    if not isinstance(config, ComposeConfig):
+        config = load_compose_config(config)
+    grid = parse_grid(grid)
+    check_choice("search method", method, ("coordinate", "grid"))
+    check_choice("search mode", mode, modes)
+    check_searchable(config)
+    n = len(config.merge_entries)
+    if method == "grid":
+        check_grid_size(n, grid)
+    if max_passes < 1:
+        raise ConfigError(f"max_passes is {max_passes}", hint="search at least one pass")
+    return config, grid, n
+
+
+@contextmanager
+def candidates_in_memory(
+    config: ComposeConfig,
+    start: Weights,
+    *,
+    device: str,
+    workdir: str | Path | None,
+    desc: str,
+    total: int | None,
+    progress: bool,
+) -> Iterator[tuple[InMemoryComposition, Callable[[Candidate | None], None]]]:
+    """The composition written once under ``workdir`` (removed afterwards) for candidates to
+    re-weight in memory, with frozen encoders memoised (every candidate sees the same inputs;
+    the caller's memo when there is one), and a progress tick per candidate."""
+    from mmcompose.model.encode_memo import active, memoized_encoders
+
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"lambda search ({desc})", unit="candidate", leave=False)
+
+    def tick(c: Candidate | None = None) -> None:
+        if bar is not None:
+            bar.update(1)
+            if c is not None and c.accuracy is not None:
+                bar.set_postfix(acc=f"{c.accuracy:.4g}", refresh=False)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix=".mmcompose-search-", dir=workdir) as tmp:
+            mem = InMemoryComposition(config, Path(tmp) / "model", start, device=device)
+            with memoized_encoders(active()):
+                yield mem, tick
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def search_coefficients(
     config: ComposeConfig | str | Path,
     val_questions: str | Path | None = None,
@@ -166,17 +235,7 @@ def search_coefficients(
     removed afterwards. Writes nothing else; see :func:`write_search_report`.
     """
     t0 = time.perf_counter()
-    if not isinstance(config, ComposeConfig):
-        config = load_compose_config(config)
-    grid = parse_grid(grid)
-    check_choice("search method", method, ("coordinate", "grid"))
-    check_choice("search mode", mode, METRICS)
-    check_searchable(config)
-    n = len(config.merge_entries)
-    if method == "grid":
-        check_grid_size(n, grid)
-    if max_passes < 1:
-        raise ConfigError(f"max_passes is {max_passes}", hint="search at least one pass")
+    config, grid, n = checked_options(config, grid, method, mode, METRICS, max_passes)
     start_w = tuple(float(x) for x in start) if start is not None else start_weights(config)
     n_items = None
     if scorer is None:
@@ -186,42 +245,20 @@ def search_coefficients(
             val_questions, val_answers, mode=mode, batch_size=batch_size,
             max_new_tokens=max_new_tokens,
         )  # fmt: skip
-    if workdir is not None:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-    from mmcompose.model.encode_memo import active, memoized_encoders
-
-    with tempfile.TemporaryDirectory(prefix=".mmcompose-search-", dir=workdir) as tmp:
-        mem = InMemoryComposition(config, Path(tmp) / "model", start_w, device=device)
-        bar = _bar(method, len(grid) ** n if method == "grid" else None, progress)
+    total = len(grid) ** n if method == "grid" else None
+    with candidates_in_memory(config, start_w, device=device, workdir=workdir, desc=method,
+                              total=total, progress=progress) as (mem, tick):  # fmt: skip
 
         def evaluate(w: Weights) -> float:
             mem.apply(w)
             return scorer(mem.model, mem.processor)
 
-        def tick(c: Candidate) -> None:
-            if bar is not None:
-                bar.update(1)
-                if c.accuracy is not None:
-                    bar.set_postfix(acc=f"{c.accuracy:.4g}", refresh=False)
-
-        # Frozen encoders see the same validation inputs for every candidate: encode once
-        # (in the caller's memo when there is one).
-        try:
-            with memoized_encoders(active()):
-                result = run_search(
-                    evaluate,
-                    n,
-                    grid,
-                    method=method,
-                    start=start_w,
-                    max_passes=max_passes,
-                    on_candidate=tick,
-                )
-        finally:
-            if bar is not None:
-                bar.close()
+        result = run_search(
+            evaluate, n, grid, method=method, start=start_w, max_passes=max_passes,
+            on_candidate=tick,
+        )  # fmt: skip
         notes = mem.notes
-    result.sources = _source_names(config)
+    result.sources = source_names(config)
     result.mode = mode if n_items is not None else None
     result.metric = METRICS[mode] if n_items is not None else "score"
     result.n_items = n_items
@@ -230,15 +267,7 @@ def search_coefficients(
     return result
 
 
-def _bar(method: str, total: int | None, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"lambda search ({method})", unit="candidate", leave=False)
-
-
-def _source_names(config: ComposeConfig) -> list[str]:
+def source_names(config: ComposeConfig) -> list[str]:
     """Short unique names: each merged model's folder name (its path where names repeat)."""
     paths = [e.model for e in config.merge_entries]
     names = [p.name or str(p) for p in paths]
@@ -263,20 +292,41 @@ def compose_with_search(
     ``out_dir/search/``; the recorded config (composition_report.json) holds the weights.
     ``search``: keyword arguments of :func:`search_coefficients` (grid, method, mode, ...).
     Nothing appears at ``out_dir`` unless everything succeeded."""
+
+    def run(cfg: ComposeConfig, **kw: Any) -> SearchResult:
+        return search_coefficients(cfg, val_questions, val_answers, **kw, **search)
+
+    return search_then_compose(
+        config, out_dir, run, force=force, device=device, allow_nonfinite=allow_nonfinite,
+        progress=progress, workdir=search.pop("workdir", None),
+    )  # fmt: skip
+
+
+def search_then_compose(
+    config: ComposeConfig | str | Path,
+    out_dir: str | Path,
+    run: Callable[..., SearchResult],
+    *,
+    force: bool,
+    device: str,
+    allow_nonfinite: bool,
+    progress: bool,
+    workdir: str | Path | None = None,
+) -> tuple[SearchResult, ComposeResult]:
+    """``run(config, device=, progress=, workdir=)`` (a search), then the composition with its
+    best weights into ``out_dir`` with the report in ``out_dir/search/``; the output path is
+    checked before the search (which may take long), and nothing appears there unless
+    everything succeeded. The temporary model goes on the output's disk by default."""
     from mmcompose.compose.executor import compose
     from mmcompose.fs import refuse_existing
 
     if not isinstance(config, ComposeConfig):
         config = load_compose_config(config)
     out_dir = Path(out_dir)
-    refuse_existing(out_dir, force)  # before a search that may take long
-    search.setdefault("workdir", out_dir.parent)  # the temporary model on the output's disk
-    result = search_coefficients(
-        config, val_questions, val_answers, device=device, progress=progress, **search
-    )
-    best = with_weights(config, result.best_weights)
+    refuse_existing(out_dir, force)
+    result = run(config, device=device, progress=progress, workdir=workdir or out_dir.parent)
     composed = compose(
-        best,
+        with_weights(config, result.best_weights),
         out_dir,
         device=device,
         force=force,

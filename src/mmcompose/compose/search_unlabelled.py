@@ -26,7 +26,6 @@ anything is composed (exit 2, nothing written).
 
 from __future__ import annotations
 
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -34,13 +33,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mmcompose.compose.config import ComposeConfig, load_compose_config
+from mmcompose.compose.config import ComposeConfig
 from mmcompose.compose.consistency import CRITERION, Response, run_consistency_search
 from mmcompose.compose.reweight import (
-    InMemoryComposition,
-    check_searchable,
     start_weights,
-    with_weights,
+)
+from mmcompose.compose.search import (
+    candidates_in_memory,
+    checked_options,
+    search_then_compose,
+    source_names,
 )
 from mmcompose.compose.search_loop import (
     MAX_PASSES,
@@ -48,10 +50,7 @@ from mmcompose.compose.search_loop import (
     SearchResult,
     Weights,
     check_choice,
-    check_grid_size,
-    parse_grid,
 )
-from mmcompose.compose.search_report import SEARCH_DIR, write_search_report
 from mmcompose.errors import ConfigError, MediaError
 
 if TYPE_CHECKING:
@@ -362,23 +361,13 @@ def search_unlabelled(
     Everything is checked (options, inputs, every media file decoded) before the temporary
     composition is written; it lives under ``workdir`` and is removed afterwards."""
     t0 = time.perf_counter()
-    if not isinstance(config, ComposeConfig):
-        config = load_compose_config(config)
-    grid = parse_grid(grid)
-    check_choice("search method", method, ("coordinate", "grid"))
-    check_choice("search mode", mode, MODES)
-    check_searchable(config)
-    n = len(config.merge_entries)
+    config, grid, n = checked_options(config, grid, method, mode, MODES, max_passes)
     if len(grid) < 2:
         raise ConfigError(
             f"the label-free search compares neighbouring grid values; the grid {list(grid)} "
             "has one",
             hint="give at least 3 values, e.g. --grid 0.25,0.5,0.75,1",
         )
-    if method == "grid":
-        check_grid_size(n, grid)
-    if max_passes < 1:
-        raise ConfigError(f"max_passes is {max_passes}", hint="search at least one pass")
     data: UnlabelledInputs | None = None
     if respond is None:
         if inputs is None:
@@ -386,38 +375,28 @@ def search_unlabelled(
         data = inputs if isinstance(inputs, UnlabelledInputs) else load_unlabelled(inputs)
         data = drop_unreadable(data)
     start_w = tuple(float(x) for x in start) if start is not None else start_weights(config)
-    if workdir is not None:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-    from mmcompose.compose.search import _bar, _source_names
-    from mmcompose.model.encode_memo import active, memoized_encoders
-
-    with tempfile.TemporaryDirectory(prefix=".mmcompose-search-", dir=workdir) as tmp:
-        mem = InMemoryComposition(config, Path(tmp) / "model", start_w, device=device)
+    total = len(grid) ** n if method == "grid" else None
+    with candidates_in_memory(config, start_w, device=device, workdir=workdir,
+                              desc=f"{method}, label-free", total=total,
+                              progress=progress) as (mem, tick):  # fmt: skip
         if data is not None:
             data = for_modalities(data, mem.model.modalities)
             respond = responder(data, "generate" if data.kind == "media" else mode,
                                 batch_size=batch_size, max_new_tokens=max_new_tokens)  # fmt: skip
         assert respond is not None
-        bar = _bar(f"{method}, label-free", len(grid) ** n if method == "grid" else None, progress)
 
         def answers(w: Weights) -> list[Response]:
             mem.apply(w)
             out = respond(mem.model, mem.processor)
-            if bar is not None:
-                bar.update(1)
+            tick()
             return out
 
-        try:
-            with memoized_encoders(active()):
-                result = run_consistency_search(
-                    answers, n, grid, method=method, start=start_w, max_passes=max_passes
-                )
-        finally:
-            if bar is not None:
-                bar.close()
+        result = run_consistency_search(
+            answers, n, grid, method=method, start=start_w, max_passes=max_passes
+        )
         notes = list(mem.notes)
     used = mode if data is None or data.kind == "mcub" else "generate"
-    result.sources = _source_names(config)
+    result.sources = source_names(config)
     result.mode = used if data is not None else None
     result.metric = f"{CRITERION},{used}" if data is not None else CRITERION
     result.n_items = len(data) if data is not None else None
@@ -449,23 +428,11 @@ def compose_with_unlabelled_search(
     """Search the lambdas without labels, then compose with the chosen ones into ``out_dir``
     with the report in ``out_dir/search/``; nothing appears at ``out_dir`` unless everything
     succeeded. ``search``: keyword arguments of :func:`search_unlabelled`."""
-    from mmcompose.compose.executor import compose
-    from mmcompose.fs import refuse_existing
 
-    if not isinstance(config, ComposeConfig):
-        config = load_compose_config(config)
-    out_dir = Path(out_dir)
-    refuse_existing(out_dir, force)
-    search.setdefault("workdir", out_dir.parent)
-    result = search_unlabelled(config, inputs, device=device, progress=progress, **search)
-    best = with_weights(config, result.best_weights)
-    composed = compose(
-        best,
-        out_dir,
-        device=device,
-        force=force,
-        allow_nonfinite=allow_nonfinite,
-        progress=progress,
-        before_commit=lambda tmp: write_search_report(result, tmp / SEARCH_DIR),
-    )
-    return result, composed
+    def run(cfg: ComposeConfig, **kw: Any) -> SearchResult:
+        return search_unlabelled(cfg, inputs, **kw, **search)
+
+    return search_then_compose(
+        config, out_dir, run, force=force, device=device, allow_nonfinite=allow_nonfinite,
+        progress=progress, workdir=search.pop("workdir", None),
+    )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -242,6 +242,38 @@ class MMComposeForCausalLM(nn.Module):
     ) -> Tensor:
         """Decode up to ``max_new_tokens`` per sample; returns only the new tokens (B, n),
         padded with ``pad_token_id`` after a sample's end of sequence. New tokens are text."""
+        out = list(
+            self.decode_steps(
+                input_ids, attention_mask, modal_inputs, modal_features,
+                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id, seed=seed,
+            )
+        )  # fmt: skip
+        if not out:
+            return torch.empty(input_ids.shape[0], 0, dtype=torch.long, device=self.device)
+        return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def decode_steps(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        modal_inputs: Mapping[str, Tensor] | None = None,
+        modal_features: Mapping[str, Tensor] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> Iterator[Tensor]:
+        """:meth:`generate`'s decoding one step at a time: yields each step's new tokens (B,)
+        as they are picked (a streamed answer reads them here), until every sample has ended
+        or ``max_new_tokens``."""
         sp = self.prepare_inputs(
             input_ids, attention_mask, modal_inputs, modal_features, padding_side="left"
         )
@@ -257,22 +289,18 @@ class MMComposeForCausalLM(nn.Module):
         bsz = mask.shape[0]
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         eos_t = torch.tensor(eos, dtype=torch.long, device=self.device)
-        out: list[Tensor] = []
         for step in range(max_new_tokens):
             logits = head(hidden[:, -1]).float()
             tok = _pick(logits, do_sample, temperature, top_k, top_p, gen)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
-            out.append(tok)
+            yield tok
             done |= torch.isin(tok, eos_t)
             if done.all() or step == max_new_tokens - 1:
-                break
+                return
             mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
             pos = pos + 1
             feed = torch.where(done, torch.zeros_like(tok), tok)  # finished rows: any valid id
             hidden = self._decode(embed(feed[:, None]), mask, pos, None, cache)
-        if not out:
-            return torch.empty(bsz, 0, dtype=torch.long, device=self.device)
-        return torch.stack(out, dim=1)
 
     @torch.no_grad()
     def score_continuations(

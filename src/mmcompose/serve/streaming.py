@@ -21,9 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
-from mmcompose.model.modeling import MMComposeForCausalLM, _as_list, _pick
+from mmcompose.model.modeling import MMComposeForCausalLM
 
 T = TypeVar("T")
 
@@ -47,25 +46,13 @@ def stream_tokens(
     of sequence token is yielded last when reached."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"stream_tokens takes one prompt, got a batch of {input_ids.shape[0]}")
-    sp = model.prepare_inputs(input_ids, attention_mask, modal_inputs, None, padding_side="left")
-    eos = set(_as_list(eos_token_id if eos_token_id is not None else model._default_eos()))
-    gen = torch.Generator(device=model.device)
-    gen.manual_seed(seed if seed is not None else 0)
-    cache = DynamicCache(config=model.language_model.config)
-    head = model.language_model.get_output_embeddings()
-    embed = model.language_model.get_input_embeddings()
-    mask, pos = sp.attention_mask, sp.position_ids[:, -1:]
-    hidden = model._decode(sp.embeds, mask, sp.position_ids, sp.routes, cache)
-    for step in range(max_new_tokens):
-        logits = head(hidden[:, -1]).float()
-        tok = _pick(logits, do_sample, temperature, top_k, top_p, gen)
-        tid = int(tok[0])
-        yield tid
-        if tid in eos or step == max_new_tokens - 1:
-            return
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-        pos = pos + 1
-        hidden = model._decode(embed(tok[:, None]), mask, pos, None, cache)
+    steps = model.decode_steps(
+        input_ids, attention_mask, modal_inputs, max_new_tokens=max_new_tokens,
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, seed=seed,
+    )  # fmt: skip
+    for tok in steps:
+        yield int(tok[0])
 
 
 class TextDeltas:
