@@ -63,6 +63,14 @@ def test_inspect_reads_headers_only(tiny_model_dir: Path):
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("startup")
     (d / "bad.yaml").write_text("merge_method: linear\nmodels: [\n")
+    # parse as YAML but fail the schema: validating them must not import the methods' torch
+    (d / "unknown.yaml").write_text(
+        f"merge_method: linear\nmodels:\n  - model: {d}\n  - model: {d}\nbogus: 1\n"
+    )
+    (d / "density.yaml").write_text(
+        f"merge_method: ties\nbase_model: {d}\nmodels:\n  - model: {d}\n"
+        "    parameters: {weight: 1.0, density: 2.0}\n"
+    )
     (d / "exists").mkdir()
     (d / "m.jsonl").write_text(
         json.dumps(
@@ -76,13 +84,22 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
         + "\n"
     )
-    return {"dir": d, "missing": d / "missing.yaml", "bad": d / "bad.yaml", "out": d / "out"}
+    return {
+        "dir": d,
+        "missing": d / "missing.yaml",
+        "bad": d / "bad.yaml",
+        "unknown": d / "unknown.yaml",
+        "density": d / "density.yaml",
+        "out": d / "out",
+    }
 
 
 # (command line with {dir}, {missing}, {bad}, {out}, {model} filled in, words of the error)
 REFUSALS = [
     ("compose {missing} -o {out}", "not found"),
     ("compose {bad} -o {out}", "not valid YAML"),
+    ("compose {unknown} -o {out}", "bogus"),
+    ("compose {density} -o {out}", "density"),
     ("compose {bad} -o {out} --device gpu", "unknown device"),
     ("compose {bad} -o {out} --grid 0,1", "needs --search"),
     ("train {missing} -o {out}", "not found"),

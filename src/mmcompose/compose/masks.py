@@ -22,12 +22,17 @@ at which the rule needs no tuning to read as sign agreement.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
 
 from mmcompose.errors import MergeError
+from mmcompose.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_module("torch")  # imported at the first merge, not with the schema
 
 __all__ = ["DEFAULT_MASK_LAMBDA", "MMERSettings", "tall_mask"]
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, create_model
-from torch import Tensor
 
 from mmcompose.compose.methods import (
     _MODEL_CONFIG,
@@ -31,6 +30,10 @@ from mmcompose.compose.methods import (
     _param_models,
 )
 from mmcompose.errors import ConfigError, MergeError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 __all__ = [
     "LORA_HINT",
@@ -42,7 +45,7 @@ __all__ = [
     "roles_of",
 ]
 
-F = TypeVar("F", bound=Callable[..., Tensor])
+F = TypeVar("F", bound="Callable[..., Tensor]")
 BasePolicy = Literal["required", "optional", "none"]
 LORA_HINT = (
     "with LoRA sources mmcompose merges the deltas dW_i alone (the shared base is added "

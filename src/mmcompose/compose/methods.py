@@ -30,15 +30,19 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
-from torch import Tensor
 
 from mmcompose.compose.selection import magnitude_mask
 from mmcompose.errors import ConfigError, MergeError
+from mmcompose.lazy import lazy_module
 from mmcompose.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_module("torch")  # imported at the first merge, not with the schema
 
 __all__ = [
     "MERGE_METHODS",
@@ -56,7 +60,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Tensor])
+F = TypeVar("F", bound="Callable[..., Tensor]")
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Density = Annotated[float, Field(gt=0, le=1)]  # fraction of each task vector kept
@@ -469,6 +473,15 @@ def merge_method(name: str) -> Callable[[F], F]:
     return deco
 
 
+def _resolve(fn: Callable[..., Tensor], annotation: Any) -> Any:
+    """One parameter's annotation as a type. Only the keyword parameters are resolved (not
+    ``get_type_hints`` over the whole signature): their types are pydantic's, while the
+    tensors' ``Tensor`` would need torch imported just to check a config."""
+    if not isinstance(annotation, str):
+        return annotation
+    return eval(annotation, fn.__globals__)
+
+
 def _param_models(name: str, fn: Callable[..., Tensor]) -> tuple[type[BaseModel], ...]:
     """Split keyword-only parameters into per-model (PerModel[...]) and global fields."""
     sig = inspect.signature(fn)
@@ -477,13 +490,12 @@ def _param_models(name: str, fn: Callable[..., Tensor]) -> tuple[type[BaseModel]
         or "generator" not in sig.parameters
     ):
         raise TypeError(f"merge method {name!r} does not follow the common signature")
-    hints = get_type_hints(fn, include_extras=True)
     per_model: dict[str, Any] = {"weight": (Finite | None, None)}
     glob: dict[str, Any] = {}
     for p in sig.parameters.values():
         if p.kind is not p.KEYWORD_ONLY or p.name == "generator":
             continue
-        hint = hints[p.name]
+        hint = _resolve(fn, p.annotation)
         if get_origin(hint) is Annotated and _PER_MODEL in get_args(hint)[1:]:
             per_model[p.name] = (get_args(get_args(hint)[0])[0], p.default)
         else:  # ``lambda_`` is ``lambda`` in a config, as in mergekit

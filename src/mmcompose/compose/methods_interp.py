@@ -19,11 +19,9 @@ operation in float32 (float64 for float64 inputs), so results agree to float rou
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
 from mmcompose.compose.method_roles import (
     Roles,
@@ -33,6 +31,12 @@ from mmcompose.compose.method_roles import (
 )
 from mmcompose.compose.methods import Finite, _check_tensors, _weights
 from mmcompose.errors import MergeError
+from mmcompose.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_module("torch")  # imported at the first merge, not with the schema
 
 __all__ = ["karcher", "multislerp", "nearswap", "nuslerp", "slerp"]
 

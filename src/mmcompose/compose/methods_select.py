@@ -29,12 +29,9 @@ task vector comes back, exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, TypeAdapter
-from torch import Tensor
 
 from mmcompose.compose.method_roles import (
     Roles,
@@ -58,6 +55,13 @@ from mmcompose.compose.methods import (
     _weights,
 )
 from mmcompose.errors import MergeError
+from mmcompose.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_module("torch")  # imported at the first merge, not with the schema
+F = lazy_module("torch.nn.functional")
 
 __all__ = [
     "arcee_fusion",

@@ -23,11 +23,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from torch import Tensor
+
+from mmcompose.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+torch = lazy_module("torch")  # imported at the first merge, not with the schema
 
 __all__ = ["SELECTION", "magnitude_mask", "sort_mask"]
 
