@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mmcompose.compose.methods as methods
+import mmcompose.compose.tensor_io as tio
 from mmcompose.compose.plan_data import Carry, Delta, MergeWeights, Ref
 from mmcompose.compose.tensor_io import (
     TORCH_DTYPES,
@@ -26,6 +27,7 @@ from mmcompose.compose.tensor_io import (
     step_refs,
     write_shard_stream,
 )
+from mmcompose.errors import CheckpointError
 
 META = {"format": "pt"}
 
@@ -89,6 +91,47 @@ def test_direct_read_equals_safe_open(tmp_path: Path) -> None:
                 assert torch.equal(
                     ours.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)
                 )
+    finally:
+        tf.close()
+
+
+@pytest.mark.parametrize("map_bytes", [0, 1 << 60], ids=["mapped", "read"])
+def test_large_tensors_mapped_or_read_equal_safe_open(
+    tmp_path: Path, monkeypatch, map_bytes: int
+) -> None:
+    """Both read paths (a private mapping of the tensor's range, a preadv into a fresh buffer)
+    give safe_open's tensors, at offsets that are not page-aligned; writing into a mapped
+    tensor never reaches the file (the mapping is copy-on-write); the mapping outlives the
+    file's descriptor for as long as the tensor does."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "a.bf16": torch.randn(3001, 7, generator=g).to(torch.bfloat16),
+        "b.f32": torch.randn(5, 4099, generator=g),
+        "c.f16": torch.randn(12345, generator=g).to(torch.float16),
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata=META)
+    before = path.read_bytes()
+    monkeypatch.setattr(tio, "MAP_BYTES", map_bytes)
+    tf = TensorFile(path)
+    got = {name: tf.read(name) for name in tensors}
+    tf.close()
+    for name, ref in tensors.items():
+        assert torch.equal(got[name], ref), name
+    for t in got.values():
+        t.mul_(0)
+    assert path.read_bytes() == before
+
+
+def test_a_truncated_file_is_refused_not_mapped(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(1 << 19)}, str(path), metadata=META)  # 2 MiB: mapped
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 4096)
+    tf = TensorFile(path)
+    try:
+        with pytest.raises(CheckpointError, match="truncated"):
+            tf.read("w")
     finally:
         tf.close()
 

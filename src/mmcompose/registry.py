@@ -50,6 +50,22 @@ class Registry(Generic[T]):
             self._load_plugins()
         return name in self._items
 
+    def find(self, match: Callable[[T], bool]) -> tuple[str, T] | None:
+        """The first entry, by name, that ``match`` accepts; those registered already are tried
+        before the plugins are imported, so a caller whose answer is built in never pays for
+        the plugins' imports (the checkpoint importers pull in the model code: seconds)."""
+        tried: set[str] = set()
+        for load in (False, True):
+            if load:
+                if not self._plugins:
+                    break
+                self._load_plugins()
+            for name in sorted(self._items.keys() - tried):
+                tried.add(name)
+                if match(self._items[name]):
+                    return name, self._items[name]
+        return None
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 

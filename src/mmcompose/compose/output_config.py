@@ -135,9 +135,9 @@ def check_shapes(
     folder loads: a source whose config.json contradicts its weights (a tower's width, an
     LLM size) is named now, before any tensor is read, not by a later load. ``labels[i]``
     names source i."""
-    from mmcompose.model.modeling import expected_shapes
+    from mmcompose.compose.shape_cache import expected_shapes_cached
 
-    expected = expected_shapes(config)
+    expected = expected_shapes_cached(config)
     for o in outputs:
         want = expected.get(o.name if output_format == "mmcompose" else LLM + o.name)
         if want is not None and want != o.shape:

@@ -133,10 +133,11 @@ def open_source(path: str | Path, importer: str | None = None, **options: object
         raise CheckpointError(f"{path} has no {CONFIG_NAME}", hint="pass a model folder")
     if importer is not None:
         return IMPORTERS.get(importer)[1](path, **options)
-    for name in IMPORTERS:
-        detect, opener = IMPORTERS.get(name)
-        if detect(path):
-            return opener(path, **options)
+    # Importers recognise disjoint model_types, so the order they are tried in does not matter;
+    # the built-in ones go first and a plain HF or mmcompose folder imports no importer.
+    found = IMPORTERS.find(lambda entry: entry[0](path))
+    if found is not None:
+        return found[1][1](path, **options)
     mt = read_json(path / CONFIG_NAME).get("model_type")
     raise CheckpointError(
         f"{path}: no importer recognises this checkpoint (model_type {mt!r})",
