@@ -228,3 +228,32 @@ def test_blocked_sum_is_bit_identical(monkeypatch, dtype: torch.dtype, with_base
         assert torch.equal(ours.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), (
             name
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_blocked_sign_election_is_bit_identical(monkeypatch, dtype: torch.dtype) -> None:
+    """TIES-style merges (sign election, disjoint sum) block by block against the whole
+    tensor: mergekit's and PEFT's arithmetic, with and without normalising, a lambda, per-model
+    densities, a short last block."""
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(301, 7, generator=g) * 0.02).to(dtype)
+    ts = [(base.double() + torch.randn(301, 7, generator=g) * 0.002).to(dtype) for _ in range(3)]
+    cases = [
+        ("ties", dict(density=[0.5, 0.3, 0.9], normalize=True)),
+        ("ties", dict(density=0.5, normalize=False, lambda_=0.7)),
+        ("ties", dict(density=0.4, semantics="peft")),
+        ("dare_ties", dict(density=1.0)),
+        ("breadcrumbs_ties", dict(density=0.5, gamma=0.01)),
+    ]
+    for name, kw in cases:
+        method = methods.MERGE_METHODS.get(name).fn
+        monkeypatch.setattr(methods, "BLOCK", 1 << 30)  # whole tensor
+        ref = method(ts, [0.5, 0.3, 0.4], base, **kw)
+        monkeypatch.setattr(methods, "BLOCK", 192)  # 64 columns a block: 33 blocks, the last of 59
+        assert methods._blockable(ts, base)
+        ours = method(ts, [0.5, 0.3, 0.4], base, **kw)
+        assert ours.dtype == ref.dtype == dtype
+        assert torch.equal(ours.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), (
+            name,
+            kw,
+        )
