@@ -319,6 +319,40 @@ def report_setting(label: str, k: int, res: dict) -> None:
             print(f"  {v:12s} {d[v] * 1e3:10.2f} {1 / d[v]:8.1f} {d['hf-generate'] / d[v]:7.3f}")
 
 
+def markdown(report: dict) -> str:
+    """The tables of docs/benchmarks.md from a run's JSON (``--from-json``): per setting, the
+    median time of each variant and, since the variants run interleaved, the median of the
+    per-repeat ratios to base (prefill) or to hf-generate (decode: tokens/s relative), which
+    cancels the machine's drift between repeats."""
+
+    def paired(runs: dict, v: str, ref: str, invert: bool = False) -> float:
+        r = [(b / a if invert else a / b) for a, b in zip(runs[v], runs[ref], strict=True)]
+        return statistics.median(r)
+
+    lines = []
+    for m in report["models"]:
+        lines += [f"**{m['model']}**, prefill s (median) and paired ratio to base", ""]
+        lines += ["| blocks | " + " | ".join(PREFILL) + " |", "|---" * (len(PREFILL) + 1) + "|"]
+        for k, res in m["settings"].items():
+            pre, runs = res["prefill_s"], res["prefill_runs_s"]
+            cells = [f"{pre[v]:.3f} ({paired(runs, v, 'base'):.2f}x)" for v in PREFILL]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        dec = {k: r for k, r in m["settings"].items() if "decode_s_per_token" in r}
+        if dec:
+            lines += ["", f"**{m['model']}**, decode ms/token (median) and paired tokens/s "
+                      "relative to hf-generate", ""]  # fmt: skip
+            lines += ["| blocks | " + " | ".join(DECODE) + " |", "|---" * (len(DECODE) + 1) + "|"]
+            for k, res in dec.items():
+                d, runs = res["decode_s_per_token"], res["decode_runs_s"]
+                cells = [
+                    f"{d[v] * 1e3:.1f} ({paired(runs, v, 'hf-generate', invert=True):.2f})"
+                    for v in DECODE
+                ]
+                lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llm", default="smollm2-135m-instruct")
@@ -334,7 +368,13 @@ def main() -> None:
     ap.add_argument("--decode-7b", default="3", help="settings decoded on the 7B layer")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of routed prefill")
     ap.add_argument("--out", default=None, help="JSON file for the raw figures")
+    ap.add_argument(
+        "--from-json", default=None, help="print a run's tables (markdown), run nothing"
+    )
     args = ap.parse_args()
+    if args.from_json:
+        print(markdown(json.loads(Path(args.from_json).read_text())))
+        return
     args.modalities = [int(x) for x in args.modalities.split(",")]
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
