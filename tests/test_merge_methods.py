@@ -341,14 +341,17 @@ def test_selection_falls_back_to_the_sort_for_nan_and_inf():
         assert torch.equal(magnitude_mask(tau, start, stop, descending=descending), ref)
 
 
-def test_replay_follows_torch_sort():
-    """The replay of std::sort's partitions against torch.sort itself, several levels deep.
+@pytest.mark.parametrize("swap_chunk", [1 << 22, 1000], ids=["whole", "chunked-swaps"])
+def test_replay_follows_torch_sort(monkeypatch, swap_chunk: int):
+    """The replay of std::sort's partitions against torch.sort itself, several levels deep,
+    with each partition's swaps made at once and in chunks of 1000 pairs.
 
     Linux torch builds sort with libstdc++'s std::sort; elsewhere (libc++) the probe fails
     and the full sort is used, which the mergekit tests above cover.
     """
     from mmcompose.compose import selection
 
+    monkeypatch.setattr(selection, "_SWAP_CHUNK", swap_chunk)
     if sys.platform != "linux":
         pytest.skip("torch's CPU sort here may not be libstdc++ introsort")
     assert selection._replay_matches_torch()

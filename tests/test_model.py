@@ -17,7 +17,7 @@ from mmcompose.errors import (
     UnknownNameError,
 )
 from mmcompose.model import MMComposeForCausalLM, MMConfig, MMProcessor, ModuleSpec, TowerConfig
-from mmcompose.model.lora import LoRAAdapter, LoRALinear, lora_layers
+from mmcompose.model.lora import LoRAAdapter, LoRALinear, contiguous_runs, lora_layers
 from mmcompose.model.splice import IGNORE_INDEX, ROUTE_IDS, SENTINELS
 from mmcompose.testing import (
     ALGEBRAIC_RTOL,
@@ -176,25 +176,30 @@ def test_decoupled_routing_matches_masked_reference(decoupled64, monkeypatch):
     batch = to_float64(batch_for(proc, padding_side="left"))
     kw = dict(padding_side="left")
 
-    seen: dict[str, list[int]] = {}
-    hooks = []
-    for lname, layer in lora_layers(model):
-        for aname, adapter in layer.lora.items():
-            key = f"{lname}:{aname}"
+    # Rows each adapter is applied to, summed per layer call (a group in several contiguous
+    # runs is applied run by run).
+    keys = {id(a): f"{ln}:{an}" for ln, layer in lora_layers(model) for an, a in layer.lora.items()}
+    seen: dict[str, int] = {}
 
-            def hook(mod, args, out, key=key):
-                seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+    def counting(fn, rows_arg):
+        def wrapped(self, *args):
+            rows = args[rows_arg].reshape(-1, args[rows_arg].shape[-1]).shape[0]
+            seen[keys[id(self)]] = seen.get(keys[id(self)], 0) + rows
+            return fn(self, *args)
 
-            hooks.append(adapter.register_forward_hook(hook))
+        return wrapped
+
+    with monkeypatch.context() as mp:
+        mp.setattr(LoRAAdapter, "forward", counting(LoRAAdapter.forward, 0))
+        mp.setattr(LoRAAdapter, "add_to", counting(LoRAAdapter.add_to, 1))
+        with torch.no_grad():
+            routed = model(**batch, **kw).logits
     with torch.no_grad():
-        routed = model(**batch, **kw).logits
         routes = model.prepare_inputs(
             **{k: batch[k] for k in ("input_ids", "attention_mask", "modal_inputs")}, **kw
         ).routes
-    for h in hooks:
-        h.remove()
 
-    # Each adapter ran exactly once per layer call, on exactly its own tokens.
+    # Each adapter ran, per layer, on exactly its own tokens.
     expected = {
         name: int((routes == ROUTE_IDS[name]).sum())
         for name in ("image", "audio", "video", "point")
@@ -202,8 +207,8 @@ def test_decoupled_routing_matches_masked_reference(decoupled64, monkeypatch):
     expected["text"] = int((routes == 0).sum())
     n_layers = len(list(lora_layers(model)))
     assert len(seen) == n_layers * 5
-    for key, counts in seen.items():
-        assert counts == [expected[key.split(":")[1]]], key
+    for key, rows in seen.items():
+        assert rows == expected[key.split(":")[1]], key
     assert sum(expected.values()) == routes.numel()
 
     monkeypatch.setattr(LoRALinear, "forward", _masked_linear_forward)
@@ -278,6 +283,50 @@ def test_families_build_and_run(family):
     out = model(**batch)
     assert out.logits.shape[-1] == model.language_model.config.vocab_size
     assert any(True for _ in lora_layers(model))
+
+
+def test_contiguous_runs():
+    assert contiguous_runs(torch.tensor([3, 4, 5, 9, 10, 20])) == ((3, 3), (9, 2), (20, 1))
+    assert contiguous_runs(torch.tensor([7])) == ((7, 1),)
+    assert contiguous_runs(torch.tensor([], dtype=torch.long)) == ()
+    assert contiguous_runs(torch.arange(0, 20, 2), max_runs=9) is None  # 10 runs of 1
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_row_slices_equal_gather_scatter(padding_side, monkeypatch):
+    """Adapters applied on contiguous row slices (views) give the logits and the gradients of
+    the gather/scatter path, for training as for inference."""
+    import mmcompose.model.lora as lora_mod
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model, proc = build_tiny_model(strategy="decoupled", seed=6)
+        float64_model(model)
+        model.train()
+        batch = to_float64(batch_for(proc, padding_side=padding_side))
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        runs_seen: list[bool] = []
+        set_routes = model.router.set_routes
+
+        def spy(routes):
+            set_routes(routes)
+            runs_seen.append(bool(model.router.runs))
+
+        model.router.set_routes = spy
+        out = model(**batch, labels=labels, padding_side=padding_side)
+        out.loss.backward()
+        assert any(runs_seen) == bool(lora_mod.MAX_RUNS)  # the path under test was taken
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), grads
+
+    sliced, g_sliced = run()
+    monkeypatch.setattr(lora_mod, "MAX_RUNS", 0)  # every group through gather/scatter
+    gathered, g_gathered = run()
+    # Same products on the same rows, summed in the same order: float64 rounding at most.
+    assert_algebraically_equal(sliced, gathered)
+    assert g_sliced.keys() == g_gathered.keys()
+    assert any(".lora.image.lora_B" in n for n in g_sliced)
+    for n, g in g_sliced.items():
+        assert_algebraically_equal(g, g_gathered[n])
 
 
 # ---------------------------------------------------------------- training signal

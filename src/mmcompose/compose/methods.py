@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args, ge
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
+from mmcompose.compose.election import STREAMED, blocked_disjoint, streamed_disjoint
+from mmcompose.compose.election import disjoint_sum as _disjoint_sum
 from mmcompose.compose.selection import magnitude_mask
 from mmcompose.errors import ConfigError, MergeError
 from mmcompose.lazy import lazy_module
@@ -132,16 +134,23 @@ def task_vector_merge(
     gammas = _per_model("gamma", gamma, n, _GAMMA)
     _check_value("lambda", lambda_, _WEIGHT)
     work = torch.float64 if dtype == torch.float64 else torch.float32
+    dense = sparsify == "none" or min(densities) >= 1  # _sparsify returns tau untouched
+    if consensus is None and dense and _blockable(tensors, base):
+        divisor = _plain_divisor(w, semantics) if normalize else None
+        return _blocked_sum(tensors, base, w, work, dtype, divisor, lambda_)
+    if consensus is not None and _blockable(tensors, base) and _streamable(sparsify, semantics):
+        # one float buffer and a bit per entry and model, not the stacked task vectors
+        return streamed_disjoint(
+            tensors, base, w, sparsify=sparsify, densities=densities, gammas=gammas,
+            rescale=rescale, consensus=consensus, semantics=semantics, normalize=normalize,
+            lambda_=lambda_, work=work, dtype=dtype, block=BLOCK,
+        )  # fmt: skip
     base_w = None if base is None else base.to(work)
 
     def sparse_tau(t: Tensor, d: float, g: float, out: Tensor | None = None) -> Tensor:
         tau = _task_vector(t, base_w, work, out)
         return _sparsify(tau, sparsify, d, g, rescale, semantics, generator)
 
-    dense = sparsify == "none" or min(densities) >= 1  # _sparsify returns tau untouched
-    if consensus is None and dense and _blockable(tensors, base):
-        divisor = _plain_divisor(w, semantics) if normalize else None
-        return _blocked_sum(tensors, base, w, work, dtype, divisor, lambda_)
     if consensus is None:
         taus = (sparse_tau(*a) for a in zip(tensors, densities, gammas, strict=True))
         mixed, divisor = _plain_sum(taus, w, semantics)
@@ -150,8 +159,8 @@ def task_vector_merge(
         for row, *a in zip(stacked, tensors, densities, gammas, strict=True):
             sparse_tau(*a, out=row)
         if _blockable(tensors, base):
-            return _blocked_disjoint(stacked, w, consensus, semantics, normalize, lambda_,
-                                     base_w, dtype)  # fmt: skip
+            return blocked_disjoint(stacked, w, consensus, semantics, normalize, lambda_,
+                                    base_w, dtype, BLOCK)  # fmt: skip
         mixed, divisor = _disjoint_sum(stacked, w, consensus, semantics, normalize)
     if normalize and not _is_one(divisor):
         assert divisor is not None
@@ -251,6 +260,12 @@ def _is_one(x: Tensor | float | None) -> bool:
     return isinstance(x, float) and x == 1.0
 
 
+def _streamable(sparsify: Sparsify, semantics: Semantics) -> bool:
+    """Survivors chosen by :func:`magnitude_mask` (or all kept): the streamed election's case.
+    PEFT's top-k and DARE's random drop stay on the stacked path."""
+    return sparsify in STREAMED and not (sparsify == "magnitude" and semantics == "peft")
+
+
 def _blockable(tensors: Sequence[Tensor], base: Tensor | None) -> bool:
     """Large strided CPU tensors: there the blocked sum saves whole-tensor float32 copies."""
     inputs = [*tensors] if base is None else [*tensors, base]
@@ -304,75 +319,6 @@ def _blocked_sum(
             a.add_(c)
         flat_out[s:e].copy_(a)
     return out
-
-
-def _disjoint_sum(
-    taus: Tensor,
-    weights: list[float],
-    consensus: Consensus,
-    semantics: Semantics,
-    normalize: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """Sum the w_i * tau_i whose sign agrees with the elected one; also the divisor if normalize.
-
-    Works in place on ``taus`` (the stacked task vectors).
-    """
-    w = torch.tensor(weights, dtype=taus.dtype, device=taus.device)
-    w = w.view(-1, *([1] * (taus.dim() - 1)))
-    if semantics == "peft":  # PEFT elects on unweighted task vectors
-        agree = _majority_mask(taus, consensus)
-        taus.mul_(w)
-    else:
-        taus.mul_(w)
-        agree = _majority_mask(taus, consensus)
-    mixed = taus.mul_(agree).sum(dim=0)
-    if not normalize:
-        return mixed, None
-    divisor = (agree.mul_(w) if semantics == "mergekit" else agree).sum(dim=0)
-    return mixed, divisor.masked_fill_(divisor == 0, 1)
-
-
-def _blocked_disjoint(
-    taus: Tensor,
-    weights: list[float],
-    consensus: Consensus,
-    semantics: Semantics,
-    normalize: bool,
-    lambda_: float,
-    base: Tensor | None,
-    dtype: torch.dtype,
-) -> Tensor:
-    """:func:`_disjoint_sum` and the rest of :func:`task_vector_merge` (divide, scale, add the
-    base, cast) over column blocks of the stacked task vectors, straight into the result.
-
-    The sign election and the sums are per entry, and each block is a (n, b) view with the
-    whole stack's strides, so every entry goes through the same operations in the same order
-    and the bits are the same; but about a dozen passes over the (n, ...) float32 stack become
-    one, in blocks that stay in cache."""
-    n = taus.shape[0]
-    flat = taus.view(n, -1)
-    out = torch.empty(taus.shape[1:], dtype=dtype, device=taus.device)
-    flat_out = out.view(-1)
-    flat_base = None if base is None else base.reshape(-1)
-    step = max(1, BLOCK // n)
-    for s in range(0, flat.shape[1], step):
-        e = min(flat.shape[1], s + step)
-        mixed, divisor = _disjoint_sum(flat[:, s:e], weights, consensus, semantics, normalize)
-        if divisor is not None:
-            mixed /= divisor
-        if lambda_ != 1:
-            mixed *= lambda_
-        if flat_base is not None:
-            mixed.add_(flat_base[s:e])
-        flat_out[s:e].copy_(mixed)
-    return out
-
-
-def _majority_mask(taus: Tensor, consensus: Consensus) -> Tensor:
-    """1.0 where sign(tau_i) is the elected sign, else 0.0 (in taus' dtype)."""
-    votes = taus.sum(dim=0) if consensus == "sum" else taus.sign().sum(dim=0)
-    majority = torch.where(votes >= 0, 1.0, -1.0).to(taus.dtype)  # ties go to +
-    return torch.mul(taus, majority).gt_(0)  # tau * (+-1) > 0: its sign is the majority
 
 
 # ---------------------------------------------------------------- input checks

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 
 torch = lazy_module("torch")  # imported at the first merge, not with the schema
 
-__all__ = ["SELECTION", "magnitude_mask", "sort_mask"]
+__all__ = ["SELECTION", "magnitude_keep", "magnitude_mask", "sort_mask"]
 
 SELECTION: Literal["threshold", "sort"] = "threshold"
 
 _LEAF = 16  # libstdc++ _S_threshold: introsort leaves ranges this small to insertion sort
+_SWAP_CHUNK = 1 << 22  # positions per chunk of a partition's swaps (32 MiB of int64)
 _BLOCK = 4096  # bisections on counts stop at spans this small, then look inside
 
 
@@ -56,6 +57,22 @@ def magnitude_mask(tau: Tensor, start: int, stop: int, *, descending: bool) -> T
     return w.copy_(keep)
 
 
+def magnitude_keep(
+    w: Tensor, start: int, stop: int, *, descending: bool, refill: Callable[[Tensor], None]
+) -> Tensor:
+    """:func:`magnitude_mask` as a flat boolean tensor, with ``w`` (holding ``|tau|``, flat) as
+    the only tensor-sized float buffer: the selection partitions it in place, and
+    ``refill(w)`` must write ``|tau|`` into it again (an O(n) pass over the inputs, cheaper
+    than a second buffer on an embedding matrix). ``w`` is left rearranged."""
+    if SELECTION == "sort":
+        return sort_mask(w, start, stop, descending)
+    keep = _threshold_mask(w, start, stop, descending, refill)
+    if keep is None:
+        refill(w)
+        keep = sort_mask(w, start, stop, descending)
+    return keep
+
+
 def sort_mask(w: Tensor, start: int, stop: int, descending: bool) -> Tensor:
     """The reference: sort all of ``w`` and mark the slice (what mergekit does)."""
     keep = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
@@ -63,8 +80,15 @@ def sort_mask(w: Tensor, start: int, stop: int, descending: bool) -> Tensor:
     return keep
 
 
-def _threshold_mask(w: Tensor, start: int, stop: int, descending: bool) -> Tensor | None:
-    """The slice's mask; None if the replay gave up after rearranging ``w`` (a scratch)."""
+def _threshold_mask(
+    w: Tensor,
+    start: int,
+    stop: int,
+    descending: bool,
+    refill: Callable[[Tensor], None] | None = None,
+) -> Tensor | None:
+    """The slice's mask; None if the replay gave up after rearranging ``w`` (a scratch). With
+    ``refill``, the order statistics partition ``w`` itself, and ``refill`` restores it."""
     n = w.numel()
     start, stop = max(0, start), min(n, stop)
     if start >= stop or (start == 0 and stop == n):
@@ -72,7 +96,9 @@ def _threshold_mask(w: Tensor, start: int, stop: int, descending: bool) -> Tenso
     # The slice's first and last positions in the order, where they are not the order's ends.
     first, last = start > 0, stop < n
     ranks = [start] * first + [stop - 1] * last
-    stats = _order_stats(w, [n - 1 - q if descending else q for q in ranks])
+    stats = _order_stats(w, [n - 1 - q if descending else q for q in ranks], refill is not None)
+    if refill is not None and stats is not None:
+        refill(w)
     if stats is None:  # NaN, inf, or neither float32 nor float64
         return sort_mask(w, start, stop, descending)
     after, before = (torch.lt, torch.gt) if descending else (torch.gt, torch.lt)
@@ -105,11 +131,15 @@ def _threshold_mask(w: Tensor, start: int, stop: int, descending: bool) -> Tenso
 # ---------------------------------------------------------------- order statistics
 
 
-def _order_stats(w: Tensor, ranks: Sequence[int]) -> list[tuple[float, int, int]] | None:
+def _order_stats(
+    w: Tensor, ranks: Sequence[int], in_place: bool = False
+) -> list[tuple[float, int, int]] | None:
     """For each ascending rank: (value there, #entries below it, #entries equal to it).
 
-    One ``np.partition`` (introselect, O(n)) on CPU, ``kthvalue`` elsewhere. None if ``w``
-    holds NaN or inf (the sort handles those) or is not float32/float64.
+    One ``np.partition`` (introselect, O(n)) on CPU, ``kthvalue`` elsewhere; on CPU it
+    partitions a copy of ``w``, or ``w`` itself if ``in_place`` (the counts do not depend on
+    the order). None if ``w`` holds NaN or inf (the sort handles those; ``w`` is untouched
+    then) or is not float32/float64.
     """
     if w.dtype not in (torch.float32, torch.float64):
         return None
@@ -117,14 +147,15 @@ def _order_stats(w: Tensor, ranks: Sequence[int]) -> list[tuple[float, int, int]
         x = w.numpy()
         if not np.isfinite(x.max()):  # NaN propagates through max
             return None
-        part = x.copy()
+        part = x if in_place else x.copy()
         done = 0  # part[:done] is settled (one kth at a time: numpy's multi-kth is slower)
         for r in sorted(set(ranks)):
             part[done:].partition(r - done)
             done = r + 1
         values = [part[r] for r in ranks]
         return [
-            (float(v), int(np.count_nonzero(x < v)), int(np.count_nonzero(x == v))) for v in values
+            (float(v), int(np.count_nonzero(part < v)), int(np.count_nonzero(part == v)))
+            for v in values
         ]
     if not bool(torch.isfinite(w).all()):
         return None
@@ -183,14 +214,15 @@ def _replay(
         plan = _plan_partition(part, descending, bufs)
         if plan is None:
             return None
-        cut, lpos, rpos = plan
+        cut, pairs = plan
         halves = [  # positions and value bounds of the two halves, left first
             (a, a + cut, (pivot, v_hi) if descending else (v_lo, pivot)),
             (a + cut, b, (v_lo, pivot) if descending else (pivot, v_hi)),
         ]
         need = [must_sort(h0, h1) or holds_kept_ties(h0, h1, *iv) for h0, h1, iv in halves]
-        for arr in (part, ids):
-            _swap(arr[1:], lpos, rpos, need)
+        for lpos, rpos in pairs():
+            for arr in (part, ids):
+                _swap(arr[1:], lpos, rpos, need)
         for (h0, h1, (h_lo, h_hi)), wanted in zip(halves[::-1], need[::-1], strict=True):
             if wanted:  # the halves are disjoint: the order they are done in does not matter
                 stack.append((h0, h1, depth - 1, h_lo, h_hi))
@@ -199,13 +231,14 @@ def _replay(
 
 def _plan_partition(
     vals: np.ndarray, descending: bool, bufs: tuple[np.ndarray, np.ndarray]
-) -> tuple[int, np.ndarray, np.ndarray] | None:
+) -> tuple[int, Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]] | None:
     """``std::__unguarded_partition`` of vals[1:] around the pivot vals[0], swaps not yet made.
 
     The left scan stops at entries not before the pivot (L_0 < L_1 < ...), the right one at
     entries not after it (R_0 > R_1 > ...); they swap L_i with R_i while L_i < R_i. Returns
-    the cut (start of the right half, in vals) and the swapped positions (in vals[1:]), or None
-    if the scans do not meet as they must (a bug guard).
+    the cut (start of the right half, in vals) and the swapped positions (in vals[1:]) as
+    chunks of pairs (a quarter of a large range swaps: whole position arrays would be twice
+    the range's size in int64), or None if the scans do not meet as they must (a bug guard).
     """
     pivot = vals[0]
     s = vals[1:]
@@ -232,16 +265,32 @@ def _plan_partition(
     local_r = r_lo - np.concatenate(([0], np.cumsum(right[lo:hi])))
     swaps = int(np.minimum(local_l, local_r).max())
     if swaps == 0:
-        return 1 + _nth_true(left, 1), _EMPTY, _EMPTY
+        return 1 + _nth_true(left, 1), lambda: iter(())
     r_last = _nth_true(right, n_r - swaps + 1)  # R_{swaps-1}
     cut = r_last
     if swaps < n_l:  # the left scan's next stop, L_swaps, is the cut if it comes first
         cut = min(cut, _nth_true(left, swaps + 1))
-    lpos = np.flatnonzero(left[:cut])
-    rpos = np.flatnonzero(right[r_last:])[::-1] + r_last
-    if lpos.size != swaps or rpos.size != swaps:
+    if np.count_nonzero(left[:cut]) != swaps or np.count_nonzero(right[r_last:]) != swaps:
         return None
-    return 1 + cut, lpos, rpos
+    return 1 + cut, functools.partial(_swap_pairs, left, right, cut, r_last)
+
+
+def _swap_pairs(
+    left: np.ndarray, right: np.ndarray, cut: int, r_last: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(L_i, R_i) in chunks: the i-th set entry of ``left[:cut]`` with the i-th of
+    ``right[r_last:]`` counted from its end. The pairs are disjoint (every L_i lies before
+    ``cut``, every R_i from ``r_last`` on), so swapping chunk by chunk swaps them all."""
+    chunk = _SWAP_CHUNK
+    r_hi, r_buf = right.size, _EMPTY
+    for a in range(0, cut, chunk):
+        lpos = np.flatnonzero(left[a : min(cut, a + chunk)]) + a
+        while r_buf.size < lpos.size:
+            r_lo = max(r_last, r_hi - chunk)
+            r_buf = np.concatenate([r_buf, np.flatnonzero(right[r_lo:r_hi])[::-1] + r_lo])
+            r_hi = r_lo
+        yield lpos, r_buf[: lpos.size]
+        r_buf = r_buf[lpos.size :]
 
 
 _EMPTY = np.empty(0, dtype=np.int64)

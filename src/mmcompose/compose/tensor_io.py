@@ -21,6 +21,7 @@ import os
 import struct
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -76,6 +77,43 @@ def all_finite(t: Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+# Storage address -> (the private read-only mapping under it, the storage's offset in it).
+_MAPPINGS: dict[int, tuple[weakref.ref[mmap.mmap], int]] = {}
+
+
+def _remember_mapping(t: Tensor, m: mmap.mmap, offset: int) -> None:
+    key = t.untyped_storage().data_ptr()
+
+    def forget(ref: weakref.ref[mmap.mmap]) -> None:
+        if _MAPPINGS.get(key, (None,))[0] is ref:
+            del _MAPPINGS[key]
+
+    _MAPPINGS[key] = (weakref.ref(m, forget), offset)
+
+
+def release_pages(t: Tensor, begin: int = 0, end: int | None = None) -> None:
+    """Drop the pages under bytes ``[begin, end)`` of a mapped input tensor's storage from
+    this process's resident set; a later read faults them back in from the page cache.
+
+    A memory hint for one pass over large inputs (a merge's sign election holds one tensor
+    of every model): without it every input tensor stays resident until it is freed. Only
+    tensors :class:`TensorFile` mapped (private mappings nothing has written to) are
+    touched; for any other tensor this does nothing.
+    """
+    storage = t.untyped_storage()
+    entry = _MAPPINGS.get(storage.data_ptr())
+    m = None if entry is None else entry[0]()
+    if m is None or not hasattr(m, "madvise"):
+        return
+    offset = entry[1]
+    end = storage.nbytes() if end is None else min(end, storage.nbytes())
+    page = mmap.PAGESIZE
+    lo = (offset + max(0, begin)) // page * page
+    hi = min(len(m), -(-(offset + end) // page) * page)
+    if hi > lo:
+        m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _bytes_view(t: Tensor) -> memoryview:
@@ -147,7 +185,9 @@ class TensorFile:
         m = mmap.mmap(self.fd, n + pos - start, offset=start, access=mmap.ACCESS_COPY)
         if hasattr(m, "madvise"):
             m.madvise(mmap.MADV_WILLNEED)  # the kernel starts reading the range now
-        return torch.frombuffer(m, dtype=torch.uint8, count=n, offset=pos - start)
+        t = torch.frombuffer(m, dtype=torch.uint8, count=n, offset=pos - start)
+        _remember_mapping(t, m, pos - start)
+        return t
 
     def close(self) -> None:
         if self.fd >= 0:

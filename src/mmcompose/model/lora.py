@@ -2,8 +2,9 @@
 
 Every adapted linear shares one :class:`TokenRouter`. Before a forward pass the model tells
 the router which adapter each token uses; the router turns that into index lists once, and
-every :class:`LoRALinear` then applies each adapter to its own tokens only (gather, low-rank
-product, scatter-add). Nothing is computed over all tokens and then masked, so the cost of
+every :class:`LoRALinear` then applies each adapter to its own tokens only: on row slices of
+the activations where its tokens form a few contiguous runs (a modality block per sequence,
+the usual case), else by gather, low-rank product and scatter-add. Nothing is computed over all tokens and then masked, so the cost of
 decoupled adapters (DAMC) does not grow with the number of modalities. Because the MLP is
 position-wise, routing gate/up/down per token gives each token its own adapter's whole MLP
 path, exactly as the masked reference computes it.
@@ -23,6 +24,24 @@ from torch import Tensor, nn
 TEXT_ROUTE = 0
 # After fold_text_adapter: the adapter that takes tokens that had none back to W.
 BASE_ADAPTER = "_base"
+# A group of tokens in at most this many contiguous runs (a modality block per sequence) is
+# applied on row slices of the activations: views, no gather or scatter copies.
+MAX_RUNS = 32
+
+
+def contiguous_runs(idx: Tensor, max_runs: int | None = None) -> tuple[tuple[int, int], ...] | None:
+    """``idx`` (sorted, 1-D) as (start, length) runs of consecutive rows, or None when there
+    are more than ``max_runs`` (default :data:`MAX_RUNS`) of them."""
+    max_runs = MAX_RUNS if max_runs is None else max_runs
+    if idx.numel() == 0:
+        return ()
+    breaks = (idx[1:] - idx[:-1] != 1).nonzero().squeeze(1)
+    if breaks.numel() + 1 > max_runs:
+        return None
+    starts = [0, *(breaks + 1).tolist()]
+    ends = [*(breaks + 1).tolist(), idx.numel()]
+    first = idx[starts].tolist()
+    return tuple((f, e - s) for f, s, e in zip(first, starts, ends, strict=True))
 
 
 class TokenRouter:
@@ -32,6 +51,8 @@ class TokenRouter:
         self.route_to_adapter = dict(route_to_adapter)
         self.routes: Tensor | None = None
         self.groups: list[tuple[str, Tensor | None]] = self._default_groups()
+        # Adapter name -> its rows as contiguous (start, length) runs, where there are few.
+        self.runs: dict[str, tuple[tuple[int, int], ...]] = {}
 
     def _default_groups(self) -> list[tuple[str, Tensor | None]]:
         name = self.route_to_adapter.get(TEXT_ROUTE)
@@ -40,6 +61,7 @@ class TokenRouter:
     def set_routes(self, routes: Tensor | None) -> None:
         """``routes``: (B, T) route ids, or None when every token is text (decoding)."""
         self.routes = routes
+        self.runs = {}
         if routes is None:
             self.groups = self._default_groups()
             return
@@ -53,7 +75,12 @@ class TokenRouter:
         for name, rids in by_adapter.items():
             mask = torch.isin(flat, torch.tensor(rids, device=flat.device))
             idx = mask.nonzero().squeeze(1)
-            groups.append((name, None if idx.numel() == flat.numel() else idx))
+            if idx.numel() == flat.numel():
+                groups.append((name, None))
+                continue
+            groups.append((name, idx))
+            if (runs := contiguous_runs(idx)) is not None:
+                self.runs[name] = runs
         self.groups = groups
 
     @contextlib.contextmanager
@@ -84,6 +111,14 @@ class LoRAAdapter(nn.Module):
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scaling
         return F.linear(h, self.lora_B.to(x.dtype))
 
+    def add_to(self, out: Tensor, x: Tensor) -> None:
+        """``out += delta(x)`` for 2-D ``x`` and ``out``, in place: the second product
+        accumulates into ``out`` (addmm) instead of making a delta to add."""
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        if self.scaling != 1:
+            h = h * self.scaling
+        out.addmm_(h.to(out.dtype), self.lora_B.to(out.dtype).t())
+
     def delta_weight(self) -> Tensor:
         """The dense update dW = scaling * B @ A, shape (out, in), in at least float32 (half
         precision adapters are upcast; float64 ones stay float64)."""
@@ -110,18 +145,23 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if not self.lora:
             return y
+        flat_x = x.reshape(-1, self.in_features)
+        # In place on y, a fresh output that F.linear's backward does not need: one pass
+        # over y per adapter instead of a copy of it.
+        flat_y = y.view(-1, self.out_features)
+        runs = self.router.runs
         for name, idx in self.router.groups:
             if name not in self.lora:
                 continue
             adapter = self.lora[name]
-            # In place on y, a fresh output that F.linear's backward does not need: one
-            # pass over y per adapter instead of a copy of it.
             if idx is None:
-                y.add_(adapter(x))
+                adapter.add_to(flat_y, flat_x)
+            elif name in runs:  # row slices (views) of x and y, no copies
+                for start, n in runs[name]:
+                    adapter.add_to(flat_y.narrow(0, start, n), flat_x.narrow(0, start, n))
             else:
-                flat_x = x.reshape(-1, self.in_features)
                 delta = adapter(flat_x.index_select(0, idx))
-                y.view(-1, self.out_features).index_add_(0, idx, delta.to(y.dtype))
+                flat_y.index_add_(0, idx, delta.to(y.dtype))
         return y
 
     @torch.no_grad()
