@@ -100,7 +100,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--before", type=Path, help="another checkout's src folder, run alongside")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/startup.json"))
+    ap.add_argument("--from-json", type=Path, help="print a run's table (markdown), run nothing")
     args = ap.parse_args()
+    if args.from_json:
+        print(markdown(json.loads(args.from_json.read_text())))
+        return
 
     base_env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     base_env.pop("PYTHONPATH", None)

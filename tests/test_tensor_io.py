@@ -6,7 +6,6 @@ The writer must produce the very bytes ``save_file`` writes, the reader the very
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -314,37 +313,3 @@ def test_blocked_sign_election_is_bit_identical(monkeypatch, dtype: torch.dtype)
             name,
             kw,
         )
-
-
-def test_prefetch_asks_for_shards_in_turn_within_its_budget(tmp_path: Path, monkeypatch) -> None:
-    """``io.prefetch`` advises the first shard of each folder, then the second ones, until the
-    budget is spent; a missing folder is skipped; nothing is read into the process."""
-    from mmcompose import io
-
-    folders = []
-    for name in ("a", "b"):
-        d = tmp_path / name
-        d.mkdir()
-        for i in range(2):
-            (d / f"model-0000{i + 1}-of-00002.safetensors").write_bytes(b"x" * 1000)
-        folders.append(d)
-    calls: list[tuple[str, int, int]] = []
-    real_open = os.open
-    names: dict[int, str] = {}
-
-    def fake_open(path, flags, *a):
-        fd = real_open(path, flags, *a)
-        names[fd] = f"{Path(path).parent.name}/{Path(path).name[:11]}"
-        return fd
-
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(
-        os, "posix_fadvise", lambda fd, off, n, advice: calls.append((names[fd], off, n))
-    )
-    asked = io.prefetch([*folders, tmp_path / "missing"], budget=2500)
-    assert asked == 2500
-    assert calls == [
-        ("a/model-00001", 0, 1000),
-        ("b/model-00001", 0, 1000),
-        ("a/model-00002", 0, 500),
-    ]

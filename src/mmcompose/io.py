@@ -204,41 +204,6 @@ def weight_files(folder: str | Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def prefetch(folders: Iterable[str | os.PathLike[str]], budget: int) -> int:
-    """Ask the kernel to start reading the first ``budget`` bytes of the folders' safetensors
-    files (shard by shard, taking each folder in turn), and return at once: the disk works
-    while the caller imports torch (3-4 s on a cold cache, half of a 1 GB merge's I/O time).
-    Only the page cache holds what is read, never this process's memory. Returns the bytes
-    asked for; anything that cannot be opened is skipped (the reader reports it later)."""
-    queues = []
-    for folder in folders:
-        try:
-            files = sorted(Path(folder).glob("*.safetensors"))
-        except OSError:
-            continue
-        queues.append(files)
-    asked = 0
-    advise = getattr(os, "posix_fadvise", None)
-    while advise is not None and asked < budget and any(queues):
-        for files in queues:
-            if not files or asked >= budget:
-                continue
-            f = files.pop(0)
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                n = min(os.fstat(fd).st_size, budget - asked)
-                advise(fd, 0, n, os.POSIX_FADV_WILLNEED)
-                asked += n
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    return asked
-
-
 def open_safetensors(path: str | os.PathLike[str], framework: str = "pt"):
     """``safe_open`` on CPU; a truncated, damaged or non-safetensors file is a
     :class:`CheckpointError` naming it (safetensors checks the header against the size).

@@ -9,10 +9,6 @@ from typing import TYPE_CHECKING
 
 from mmcompose.errors import ConfigError
 
-# Input bytes the kernel is asked to read ahead while the composition code is imported: about
-# what the disk reads in those seconds, small beside the page cache of any machine.
-PREFETCH_BYTES = 1 << 30
-
 if TYPE_CHECKING:
     from mmcompose.compose.executor import ComposeResult
     from mmcompose.compose.search import SearchResult
@@ -132,10 +128,6 @@ def run_compose(
 
     cfg = load_compose_config(config)  # its schema needs neither torch nor the model code
     if search is None and search_unlabelled is None:
-        if not dry_run:
-            from mmcompose.io import prefetch
-
-            prefetch(cfg.input_folders(), PREFETCH_BYTES)  # the disk works while torch loads
         from mmcompose.compose.executor import compose
 
         return compose(

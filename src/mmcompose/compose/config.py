@@ -238,14 +238,6 @@ class ComposeConfig(_Strict):
             return list(self.models)
         return [e for e in self.models if e.model.resolve() != base.resolve()]
 
-    def input_folders(self) -> list[Path]:
-        """Every model folder the composition reads, the base first, each once."""
-        folders = [] if self.base_model is None else [self.base_model]
-        for e in self.models:
-            if e.model not in folders:
-                folders.append(e.model)
-        return folders
-
     @property
     def shard_bytes(self) -> int:
         return parse_size(self.max_shard_size)
