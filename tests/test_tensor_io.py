@@ -298,14 +298,16 @@ def test_blocked_sign_election_is_bit_identical(monkeypatch, dtype: torch.dtype)
         return real_stream(*a, **k)
 
     monkeypatch.setattr(methods, "streamed_disjoint", spy)
-    for name, kw, inputs in cases:
+    # Without a base the inputs are the task vectors themselves (LoRA deltas, say).
+    no_base = [("ties", dict(density=0.5), ts), ("breadcrumbs_ties", dict(density=0.5), coarse)]
+    for (name, kw, inputs), b in [*((c, base) for c in cases), *((c, None) for c in no_base)]:
         method = methods.MERGE_METHODS.get(name).fn
         monkeypatch.setattr(methods, "BLOCK", 1 << 30)  # whole tensor
-        ref = method(inputs, [0.5, 0.3, 0.4], base, **kw)
+        ref = method(inputs, [0.5, 0.3, 0.4], b, **kw)
         monkeypatch.setattr(methods, "BLOCK", 192)  # 64 columns a block: 33 blocks, the last of 59
-        assert methods._blockable(inputs, base)
+        assert methods._blockable(inputs, b)
         streamed.clear()
-        ours = method(inputs, [0.5, 0.3, 0.4], base, **kw)
+        ours = method(inputs, [0.5, 0.3, 0.4], b, **kw)
         stream_case = name != "dare_ties" and kw.get("semantics") != "peft"
         assert bool(streamed) == stream_case, (name, kw)  # the path under test was taken
         assert ours.dtype == ref.dtype == dtype

@@ -213,9 +213,14 @@ def test_two_processes_equal_one(setup, tmp_path):
         for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
     ]
     assert len(la) == len(lb) == 20
-    # Losses: rounding (~1e-6 relative) plus the drift allowed below; a wrong data split or
-    # no gradient sync changes per-step losses by whole percents.
-    np.testing.assert_allclose(la, lb, rtol=1e-4)
+    # The first loss comes before any update: the two runs differ only in how the batch's
+    # loss is reduced (float32 rounding, ~1e-7 relative per addition).
+    np.testing.assert_allclose(la[0], lb[0], rtol=1e-5)
+    # Later losses also carry the weights' drift, which Adam lets grow to the fraction of an
+    # update allowed below (measured here up to 1.03e-4 relative by step 16, and it depends on
+    # the machine's summation order). A wrong data split or no gradient sync changes per-step
+    # losses by whole percents: a tenth of one percent keeps a tenfold margin on that side.
+    np.testing.assert_allclose(la, lb, rtol=1e-3)
     a = MMComposeForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     b = MMComposeForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     # Adam normalises every update to about lr, so a summation-order difference in a gradient

@@ -94,8 +94,9 @@ def _remember_mapping(t: Tensor, m: mmap.mmap, offset: int) -> None:
 
 
 def release_pages(t: Tensor, begin: int = 0, end: int | None = None) -> None:
-    """Drop the pages under bytes ``[begin, end)`` of a mapped input tensor's storage from
-    this process's resident set; a later read faults them back in from the page cache.
+    """Drop the pages under bytes ``[begin, end)`` of a mapped input tensor (counted from its
+    first element; default: from there to the end of its storage) from this process's
+    resident set; a later read faults them back in from the page cache.
 
     A memory hint for one pass over large inputs (a merge's sign election holds one tensor
     of every model): without it every input tensor stays resident until it is freed. Only
@@ -107,8 +108,9 @@ def release_pages(t: Tensor, begin: int = 0, end: int | None = None) -> None:
     m = None if entry is None else entry[0]()
     if m is None or not hasattr(m, "madvise"):
         return
-    offset = entry[1]
-    end = storage.nbytes() if end is None else min(end, storage.nbytes())
+    first = t.storage_offset() * t.element_size()
+    offset = entry[1] + first
+    end = storage.nbytes() - first if end is None else min(end, storage.nbytes() - first)
     page = mmap.PAGESIZE
     lo = (offset + max(0, begin)) // page * page
     hi = min(len(m), -(-(offset + end) // page) * page)
