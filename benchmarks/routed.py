@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
@@ -353,6 +354,31 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def gemm_rates(tokens: int, block: int, rank: int, width: int = 576, mlp: int = 1536) -> None:
+    """Throughput of the products a SmolLM2 prefill runs: a base linear over all tokens, and
+    a folded difference adapter's two thin products (rank ``2 * rank``) over one block."""
+    g = torch.Generator().manual_seed(0)
+    r = 2 * rank
+    shapes = {
+        f"base q_proj ({tokens}x{width} @ {width}x{width})": (tokens, width, width),
+        f"base up_proj ({tokens}x{width} @ {width}x{mlp})": (tokens, width, mlp),
+        f"adapter A ({block}x{width} @ {width}x{r})": (block, width, r),
+        f"adapter B ({block}x{r} @ {r}x{width})": (block, r, width),
+        f"adapter B, MLP ({block}x{r} @ {r}x{mlp})": (block, r, mlp),
+    }
+    print(f"{torch.get_num_threads()} thread(s)")
+    for label, (m, k, n) in shapes.items():
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        reps = max(20, int(2e9 / (2 * m * k * n)))
+        for _ in range(10):
+            F.linear(x, w)
+        t = time.perf_counter()
+        for _ in range(reps):
+            F.linear(x, w)
+        dt = (time.perf_counter() - t) / reps
+        print(f"  {label:40s} {dt * 1e6:8.1f} us  {2 * m * k * n / dt / 1e9:6.1f} GFLOP/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llm", default="smollm2-135m-instruct")
@@ -367,6 +393,9 @@ def main() -> None:
     ap.add_argument("--small-vocab", type=int, default=1024, help="vocab of the 7B layer")
     ap.add_argument("--decode-7b", default="3", help="settings decoded on the 7B layer")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of routed prefill")
+    ap.add_argument(
+        "--gemm", action="store_true", help="GFLOP/s of SmolLM2's base and adapter products"
+    )
     ap.add_argument("--out", default=None, help="JSON file for the raw figures")
     ap.add_argument(
         "--from-json", default=None, help="print a run's tables (markdown), run nothing"
@@ -377,6 +406,9 @@ def main() -> None:
         return
     args.modalities = [int(x) for x in args.modalities.split(",")]
     torch.set_num_threads(args.threads)
+    if args.gemm:
+        gemm_rates(args.tokens, args.block, args.rank)
+        return
     hf_logging.set_verbosity_error()
     report = {"torch_threads": torch.get_num_threads(), "args": vars(args), "models": []}
     for name in args.models.split(","):

@@ -113,11 +113,20 @@ class LoRAAdapter(nn.Module):
 
     def add_to(self, out: Tensor, x: Tensor) -> None:
         """``out += delta(x)`` for 2-D ``x`` and ``out``, in place: the second product
-        accumulates into ``out`` (addmm) instead of making a delta to add."""
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        accumulates into ``out`` (addmm) instead of making a delta to add.
+
+        Called once per adapter, layer and token run (hundreds of times a prefill), so it
+        skips what does nothing: the identity dropout outside training, casts to the dtype a
+        tensor already has, a scaling of 1."""
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            x = self.dropout(x)
+        a, b = self.lora_A, self.lora_B
+        h = F.linear(x, a if a.dtype == x.dtype else a.to(x.dtype))
         if self.scaling != 1:
             h = h * self.scaling
-        out.addmm_(h.to(out.dtype), self.lora_B.to(out.dtype).t())
+        if h.dtype != out.dtype:
+            h = h.to(out.dtype)
+        out.addmm_(h, (b if b.dtype == out.dtype else b.to(out.dtype)).t())
 
     def delta_weight(self) -> Tensor:
         """The dense update dW = scaling * B @ A, shape (out, in), in at least float32 (half
