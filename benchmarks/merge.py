@@ -581,6 +581,31 @@ def table(res: SizeResult) -> str:
     return "\n".join(rows)
 
 
+def repeats_table(res: SizeResult) -> str:
+    """Wall time of every repeat, per method and tool, and each of our other tools' paired
+    difference to ``mmcompose`` repeat by repeat (the runs are interleaved, so a pair shares
+    the machine's state)."""
+    rows = ["| method | tool | wall s per repeat | median |", "|---|---|---|---:|"]
+    diffs = []
+    for method in [*METHODS, "copy"]:
+        by_tool: dict[str, dict[int, float]] = {}
+        for r in res.runs:
+            if r.method == method and not r.returncode:
+                by_tool.setdefault(r.tool, {})[r.repeat] = r.wall_s
+        for tool, walls in by_tool.items():
+            cells = " / ".join(f"{walls[k]:.2f}" for k in sorted(walls))
+            rows.append(
+                f"| {method} | {tool} | {cells} | {statistics.median(walls.values()):.2f} |"
+            )
+        ours = by_tool.get("mmcompose", {})
+        for tool in OURS[1:]:
+            other = by_tool.get(tool, {})
+            if common := sorted(set(ours) & set(other)):
+                d = " / ".join(f"{ours[k] - other[k]:+.2f}" for k in common)
+                diffs.append(f"{method}: mmcompose minus {tool}, repeat by repeat (s): {d}")
+    return "\n".join([*rows, "", *diffs]) if diffs else "\n".join(rows)
+
+
 def sweep_table(results: list[SizeResult]) -> str:
     cols = [(m, t) for m in METHODS for t in (*OURS, "mergekit") if _has(results, t, m)]
     head = "| model GiB | layers | " + " | ".join(f"{m} {t} RSS MB / s" for m, t in cols)
@@ -766,6 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in saved["results"]
         ]
         print(table(results[0]))
+        print("\n" + repeats_table(results[0]))
         if len(results) > 1:
             print("\n" + sweep_table(results))
         return 0

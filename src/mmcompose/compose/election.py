@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from mmcompose.compose.selection import magnitude_keep
+from mmcompose.compose.selection import magnitude_keep, outlier_slice, top_k_slice
 from mmcompose.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -33,6 +33,12 @@ Semantics = Literal["mergekit", "peft"]
 STREAMED = ("none", "magnitude", "magnitude_outliers")
 # Input pages behind the cursor are released every this many entries of the stream.
 _RELEASE_EVERY = 1 << 24
+
+
+def l1_ratio(before: Tensor, after: Tensor, eps: float = 1e-7) -> Tensor | None:
+    """The factor that gives sparsified tau back its L1 norm (mergekit's rescale), or None
+    where either norm is too small to divide by (then tau is left as it is)."""
+    return None if before < eps or after < eps else before / after
 
 
 def majority_mask(taus: Tensor, consensus: Consensus) -> Tensor:
@@ -182,18 +188,17 @@ def streamed_disjoint(
             task_vector_into(t, w).abs_()
 
         w = tau.abs_()
-        if sparsify == "magnitude":
-            start, stop, descending = 0, max(1, int(density * size)), True
-        else:  # magnitude_outliers: the density fraction below the gamma fraction of largest
-            keep_n, top = int(density * size), int(gamma * size)
-            start = max(0, size - keep_n - top)
-            start, stop, descending = start, start + keep_n, False
+        start, stop, descending = (
+            top_k_slice(size, density)
+            if sparsify == "magnitude"
+            else outlier_slice(size, density, gamma)
+        )
         keep = magnitude_keep(w, start, stop, descending=descending, refill=refill)
         scale: Tensor | float | None = None
         if rescale and before is not None:
             refill(w)
             after = w.mul_(keep).sum()  # |tau * keep| entry for entry, summed in order
-            scale = None if before < 1e-7 or after < 1e-7 else before / after
+            scale = l1_ratio(before, after)
         elif rescale:
             scale = float(density)
         bits.append(np.packbits(keep.numpy()))

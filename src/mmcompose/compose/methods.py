@@ -34,9 +34,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args, ge
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
-from mmcompose.compose.election import STREAMED, blocked_disjoint, streamed_disjoint
-from mmcompose.compose.election import disjoint_sum as _disjoint_sum
-from mmcompose.compose.selection import magnitude_mask
+from mmcompose.compose.election import (
+    STREAMED,
+    blocked_disjoint,
+    disjoint_sum,
+    l1_ratio,
+    streamed_disjoint,
+)
+from mmcompose.compose.selection import magnitude_mask, outlier_slice, top_k_slice
 from mmcompose.errors import ConfigError, MergeError
 from mmcompose.lazy import lazy_module
 from mmcompose.registry import Registry
@@ -135,10 +140,11 @@ def task_vector_merge(
     _check_value("lambda", lambda_, _WEIGHT)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     dense = sparsify == "none" or min(densities) >= 1  # _sparsify returns tau untouched
-    if consensus is None and dense and _blockable(tensors, base):
+    blockable = _blockable(tensors, base)
+    if consensus is None and dense and blockable:
         divisor = _plain_divisor(w, semantics) if normalize else None
         return _blocked_sum(tensors, base, w, work, dtype, divisor, lambda_)
-    if consensus is not None and _blockable(tensors, base) and _streamable(sparsify, semantics):
+    if consensus is not None and blockable and _streamable(sparsify, semantics):
         # one float buffer and a bit per entry and model, not the stacked task vectors
         return streamed_disjoint(
             tensors, base, w, sparsify=sparsify, densities=densities, gammas=gammas,
@@ -158,10 +164,10 @@ def task_vector_merge(
         stacked = torch.empty((n, *tensors[0].shape), dtype=work, device=tensors[0].device)
         for row, *a in zip(stacked, tensors, densities, gammas, strict=True):
             sparse_tau(*a, out=row)
-        if _blockable(tensors, base):
+        if blockable:
             return blocked_disjoint(stacked, w, consensus, semantics, normalize, lambda_,
                                     base_w, dtype, BLOCK)  # fmt: skip
-        mixed, divisor = _disjoint_sum(stacked, w, consensus, semantics, normalize)
+        mixed, divisor = disjoint_sum(stacked, w, consensus, semantics, normalize)
     if normalize and not _is_one(divisor):
         assert divisor is not None
         mixed /= divisor
@@ -211,7 +217,8 @@ def _top_k_mask(tau: Tensor, density: float, semantics: Semantics) -> Tensor:
     """1 at the k largest |tau|: ``argsort(|tau|, descending=True)[:k]`` (``topk`` for PEFT)."""
     n = tau.numel()
     if semantics == "mergekit":
-        return magnitude_mask(tau, 0, max(1, int(density * n)), descending=True).view_as(tau)
+        start, stop, descending = top_k_slice(n, density)
+        return magnitude_mask(tau, start, stop, descending=descending).view_as(tau)
     mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
     # sorted=False: the same entries (CPU topk runs nth_element, then only sorts them)
     mask[torch.topk(tau.abs().reshape(-1), int(density * n), sorted=False).indices] = 1
@@ -219,22 +226,16 @@ def _top_k_mask(tau: Tensor, density: float, semantics: Semantics) -> Tensor:
 
 
 def _outlier_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
-    """Keep the density fraction just below the gamma fraction of largest |tau|.
-
-    Like mergekit, fewer outliers are dropped when density + gamma exceeds 1.
-    """
-    n = tau.numel()
-    keep, top = int(density * n), int(gamma * n)
-    skip = max(0, n - keep - top)
-    return magnitude_mask(tau, skip, skip + keep, descending=False).view_as(tau)
+    """Keep the density fraction just below the gamma fraction of largest |tau|
+    (:func:`~mmcompose.compose.selection.outlier_slice`)."""
+    start, stop, descending = outlier_slice(tau.numel(), density, gamma)
+    return magnitude_mask(tau, start, stop, descending=descending).view_as(tau)
 
 
-def _match_l1(before: Tensor, kept: Tensor, eps: float = 1e-7) -> Tensor:
+def _match_l1(before: Tensor, kept: Tensor) -> Tensor:
     """Scale kept to the L1 norm tau had before sparsifying (``before``)."""
-    after = kept.abs().sum()
-    if before < eps or after < eps:
-        return kept
-    return kept.mul_(before / after)
+    ratio = l1_ratio(before, kept.abs().sum())
+    return kept if ratio is None else kept.mul_(ratio)
 
 
 def _plain_sum(

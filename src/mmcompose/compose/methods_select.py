@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, TypeAdapter
 
+from mmcompose.compose.election import disjoint_sum
 from mmcompose.compose.method_roles import (
     Roles,
     check_count,
@@ -47,7 +48,6 @@ from mmcompose.compose.methods import (
     PerModel,
     _check_tensors,
     _check_value,
-    _disjoint_sum,
     _match_l1,
     _per_model,
     _plain_sum,
@@ -151,7 +151,7 @@ def _della_merge(
         if d < 1:  # density 1 keeps tau and draws no random numbers
             row.copy_(_magprune(name, row, d, e, rescale, generator))
     if consensus:
-        mixed, divisor = _disjoint_sum(taus, w, "sum", "mergekit", normalize)
+        mixed, divisor = disjoint_sum(taus, w, "sum", "mergekit", normalize)
     else:
         mixed, divisor = _plain_sum(iter(taus), w, "mergekit")
     if normalize:

@@ -34,7 +34,14 @@ if TYPE_CHECKING:
 
 torch = lazy_module("torch")  # imported at the first merge, not with the schema
 
-__all__ = ["SELECTION", "magnitude_keep", "magnitude_mask", "sort_mask"]
+__all__ = [
+    "SELECTION",
+    "magnitude_keep",
+    "magnitude_mask",
+    "outlier_slice",
+    "sort_mask",
+    "top_k_slice",
+]
 
 SELECTION: Literal["threshold", "sort"] = "threshold"
 
@@ -55,6 +62,20 @@ def magnitude_mask(tau: Tensor, start: int, stop: int, *, descending: bool) -> T
     if keep is None:  # the replay gave up, having rearranged w: sort the magnitudes anew
         keep = sort_mask(tau.detach().reshape(-1).abs(), start, stop, descending)
     return w.copy_(keep)
+
+
+def top_k_slice(n: int, density: float) -> tuple[int, int, bool]:
+    """TIES' slice of the order: the ``max(1, int(density * n))`` largest |tau| (mergekit keeps
+    at least one). Returns (start, stop, descending) for :func:`magnitude_mask`."""
+    return 0, max(1, int(density * n)), True
+
+
+def outlier_slice(n: int, density: float, gamma: float) -> tuple[int, int, bool]:
+    """Breadcrumbs' slice: the ``density`` fraction just below the ``gamma`` fraction of
+    largest |tau| (fewer outliers dropped when density + gamma exceeds 1, as in mergekit)."""
+    keep, top = int(density * n), int(gamma * n)
+    skip = max(0, n - keep - top)
+    return skip, skip + keep, False
 
 
 def magnitude_keep(

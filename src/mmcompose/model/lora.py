@@ -106,27 +106,28 @@ class LoRAAdapter(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _down(self, x: Tensor) -> Tensor:
+        """``scaling * A(dropout(x))``, skipping what does nothing: called once per adapter,
+        layer and token run (hundreds of times a prefill), so the identity dropout outside
+        training, a cast to the dtype ``A`` already has and a scaling of 1 cost dispatch."""
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            x = self.dropout(x)
+        a = self.lora_A
+        h = F.linear(x, a if a.dtype == x.dtype else a.to(x.dtype))
         # Scaling on the rank-r product: r/out of the work of scaling the output.
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scaling
-        return F.linear(h, self.lora_B.to(x.dtype))
+        return h if self.scaling == 1 else h * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self._down(x)
+        b = self.lora_B
+        return F.linear(h, b if b.dtype == h.dtype else b.to(h.dtype))
 
     def add_to(self, out: Tensor, x: Tensor) -> None:
         """``out += delta(x)`` for 2-D ``x`` and ``out``, in place: the second product
-        accumulates into ``out`` (addmm) instead of making a delta to add.
-
-        Called once per adapter, layer and token run (hundreds of times a prefill), so it
-        skips what does nothing: the identity dropout outside training, casts to the dtype a
-        tensor already has, a scaling of 1."""
-        if self.training and isinstance(self.dropout, nn.Dropout):
-            x = self.dropout(x)
-        a, b = self.lora_A, self.lora_B
-        h = F.linear(x, a if a.dtype == x.dtype else a.to(x.dtype))
-        if self.scaling != 1:
-            h = h * self.scaling
-        if h.dtype != out.dtype:
-            h = h.to(out.dtype)
-        out.addmm_(h, (b if b.dtype == out.dtype else b.to(out.dtype)).t())
+        accumulates into ``out`` (addmm) instead of making a delta to add."""
+        h = self._down(x)
+        b = self.lora_B
+        out.addmm_(h.to(out.dtype), (b if b.dtype == out.dtype else b.to(out.dtype)).t())
 
     def delta_weight(self) -> Tensor:
         """The dense update dW = scaling * B @ A, shape (out, in), in at least float32 (half
@@ -152,7 +153,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if not self.lora:
+        if not self.lora or not self.router.groups:  # e.g. decoding after folding
             return y
         flat_x = x.reshape(-1, self.in_features)
         # In place on y, a fresh output that F.linear's backward does not need: one pass
